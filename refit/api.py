@@ -1,0 +1,200 @@
+"""``Refitter``: the trainer-side entry point, and ``collect``: input validation."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from refit.errors import PlanError, RefitError, problem_list
+from refit.load import scale_problem
+from refit.meta import Manifest, Role, TensorMeta, dtype_name
+from refit.pack import Lazy
+from refit.plan import DEFAULT_ALIGNMENT, DEFAULT_BUCKET_BYTES, PlanEntry, check_layout_options, plan
+from refit.report import RefitReport
+from refit.transports.base import EngineHandle, Progress, Sender, load_transport, stream
+
+StateLike = Mapping[str, "torch.Tensor | Lazy"] | Iterable[tuple[str, "torch.Tensor | Lazy"]]
+
+
+def collect(state: StateLike, scales: Mapping[str, torch.Tensor] | None) -> tuple[list[PlanEntry], dict[str, torch.Tensor | Lazy]]:
+    """Validate a push's input and return plan entries (scales first) and sources by name.
+
+    Scales go first so every receiver validates them before it applies any weight.
+
+    Raises:
+        PlanError: listing every bad entry: non-tensor values, duplicate names, sparse or meta
+            tensors, dtypes that cannot travel, non-finite or non-positive scales.
+    """
+    problems: list[str] = []
+    entries: list[PlanEntry] = []
+    sources: dict[str, torch.Tensor | Lazy] = {}
+    if scales is not None and not isinstance(scales, Mapping):
+        raise PlanError(f"scales must be a mapping of name -> tensor, got {type(scales).__name__}")
+    if isinstance(state, torch.nn.Module):
+        raise PlanError("pass module.state_dict() (or named_parameters()), not the module itself")
+    items = state.items() if isinstance(state, Mapping) else state
+    for role, pairs in ((Role.SCALE, (scales or {}).items()), (Role.WEIGHT, items)):
+        for pair in pairs:
+            if not isinstance(pair, tuple) or len(pair) != 2:
+                raise PlanError(f"state must be a mapping or an iterable of (name, tensor) pairs, got {pair!r:.80}")
+            name, value = pair
+            if name in sources:
+                problems.append(f"{name}: appears more than once (in state and/or scales)")
+                continue
+            if isinstance(value, Lazy):
+                sources[name] = value
+                entries.append(PlanEntry(name, value.shape, value.dtype, role))
+                continue
+            if not isinstance(value, torch.Tensor):
+                problems.append(f"{name}: expected a torch.Tensor or refit.Lazy, got {type(value).__name__}")
+                continue
+            if value.layout != torch.strided or value.is_meta:
+                problems.append(f"{name}: {value.layout} / meta tensors cannot travel; pass a dense tensor")
+                continue
+            try:
+                dtype_name(value.dtype)
+            except PlanError as exc:
+                problems.append(f"{name}: {exc}")
+                continue
+            if role is Role.SCALE and (bad := scale_problem(_meta_for(name, value), value.detach())):
+                problems.append(bad)
+            sources[name] = value.detach()
+            entries.append(PlanEntry(name, tuple(value.shape), value.dtype, role))
+    if problems:
+        raise PlanError("invalid push input; nothing was sent:\n" + problem_list(problems))
+    return entries, sources
+
+
+def _meta_for(name: str, t: torch.Tensor) -> TensorMeta:
+    return TensorMeta(name, t.dtype, tuple(t.shape), Role.SCALE, 0, 0, 0)
+
+
+class Refitter:
+    """Pushes a trainer's weights and their quantization scales to receivers.
+
+    Args:
+        transport: ``"local"``, ``"zmq"``, ``"cuda_ipc"`` or ``"nccl"`` (imported on first use),
+            or a ready :class:`~refit.transports.base.Sender`.
+        bucket_bytes: capacity of one staging bucket (default 512 MiB).
+        alignment: byte alignment of tensors inside a bucket (power of two, default 256).
+        num_buffers: staging buffers in flight (default 2): memory per side is
+            ``num_buffers * bucket_bytes`` whatever the model size.
+        progress: optional ``progress(buckets_done, buckets_total)`` callback.
+        engine: optional :class:`~refit.transports.base.EngineHandle` (e.g. the vLLM adapter's):
+            its workers join the transport now and receive every push.
+        receiver_options: options for the engine's receivers (with ``engine``).
+        timeout: seconds any wait for a receiver may take before ``TransportError``.
+        **options: passed to the transport (e.g. ``target=`` for local, ``peers=`` for zmq).
+
+    Example:
+        >>> model = torch.nn.Linear(4, 4)
+        >>> with Refitter("local", target=model) as r:
+        ...     report = r.push({"weight": torch.ones(4, 4), "bias": torch.zeros(4)})
+        >>> bool((model.weight == 1).all())
+        True
+    """
+
+    def __init__(
+        self,
+        transport: str | Sender = "local",
+        *,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        alignment: int = DEFAULT_ALIGNMENT,
+        num_buffers: int = 2,
+        progress: Progress | None = None,
+        engine: EngineHandle | None = None,
+        receiver_options: Mapping[str, Any] | None = None,
+        timeout: float = 120.0,
+        **options: Any,
+    ) -> None:
+        check_layout_options(bucket_bytes, alignment)
+        if not isinstance(num_buffers, int) or not 1 <= num_buffers <= 64:
+            raise RefitError(f"num_buffers must be an int in [1, 64], got {num_buffers!r}")
+        self.engine, self.timeout = engine, timeout
+        if isinstance(transport, Sender):
+            self.sender = transport
+        elif engine is not None:
+            module = load_transport(transport)
+            infos = engine.open(transport, dict(receiver_options or {}))
+            self.sender = module.Transport.for_receivers(infos, timeout=timeout, **options)  # type: ignore[attr-defined]
+        else:
+            module = load_transport(transport)
+            if transport != "local":
+                options.setdefault("timeout", timeout)
+            self.sender = module.Transport(**options)  # type: ignore[attr-defined]
+        self.transport = transport if isinstance(transport, str) else type(transport).__name__
+        self.bucket_bytes, self.alignment, self.num_buffers = bucket_bytes, alignment, num_buffers
+        self.progress = progress
+        self._versions = itertools.count(1)
+        self._last: tuple[list[PlanEntry], Manifest] | None = None
+
+    def plan(self, entries: list[PlanEntry]) -> Manifest:
+        """The manifest for ``entries``; reused while names, shapes and dtypes do not change."""
+        if self._last is not None and self._last[0] == entries:
+            return self._last[1]
+        manifest = plan(entries, bucket_bytes=self.bucket_bytes, alignment=self.alignment)
+        self._last = (entries, manifest)
+        return manifest
+
+    def push(self, state: StateLike, scales: Mapping[str, torch.Tensor] | None = None, *, version: int | None = None) -> RefitReport:
+        """Push ``state`` (name -> tensor or :class:`~refit.Lazy`) and ``scales`` (name -> tensor).
+
+        Returns:
+            The sender's :class:`RefitReport`, with each receiver's report in ``receivers``.
+
+        Raises:
+            PlanError: invalid input (nothing sent).
+            ResolveError: a receiver refused (nothing loaded anywhere).
+            TransportError: the stream broke or timed out (receivers that had applied a bucket
+                are torn until the next complete push).
+        """
+        t0 = time.perf_counter()
+        entries, sources = collect(state, scales)
+        manifest = self.plan(entries)
+        v = next(self._versions) if version is None else version
+        if not isinstance(v, int) or v < 0:
+            raise RefitError(f"version must be a non-negative int, got {v!r}")
+        t1 = time.perf_counter()
+        pending = self.engine.begin_receive(self.timeout) if self.engine is not None else None
+        try:
+            self.sender.handshake(manifest, v)
+            t2 = time.perf_counter()
+            try:
+                stages = stream(self.sender, manifest, sources, num_buffers=self.num_buffers, progress=self.progress)
+                t3 = time.perf_counter()
+                receivers = self.sender.finish()
+            except BaseException as exc:
+                self.sender.abort(f"sender failed: {type(exc).__name__}: {exc}")
+                raise
+        except BaseException:
+            if pending is not None:  # let the workers' receive calls end before re-raising
+                with contextlib.suppress(BaseException):
+                    pending.result(timeout=self.timeout + 30)
+            raise
+        if pending is not None:
+            receivers = pending.result(timeout=self.timeout + 30) or receivers
+        t4 = time.perf_counter()
+        return RefitReport(
+            version=v,
+            bytes=manifest.total_bytes,
+            buckets=manifest.num_buckets,
+            tensors=manifest.num_tensors,
+            seconds={"plan": t1 - t0, "handshake": t2 - t1, **stages, "stream": t3 - t2, "finish": t4 - t3, "total": t4 - t0},
+            receivers=receivers,
+        )
+
+    def close(self) -> None:
+        self.sender.close()
+        if self.engine is not None:
+            self.engine.close()
+
+    def __enter__(self) -> Refitter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,153 @@
+"""What travels: the dtype codec, one :class:`TensorMeta` per tensor (chunk), the :class:`Manifest`.
+
+The manifest is the single source of truth about bucket layout. The sender plans it once, the
+receivers read it and never recompute it, so the two sides cannot disagree about where a tensor
+starts or ends.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from refit.errors import PlanError
+
+# Explicit, closed table of the dtypes that may travel. Wire names are the torch attribute names;
+# they are looked up here and nowhere else (never ``getattr(torch, untrusted)``).
+_DTYPE_NAMES = (
+    "bool",
+    "uint8",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float16",
+    "bfloat16",
+    "float32",
+    "float64",
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "float8_e4m3fnuz",
+    "float8_e5m2fnuz",
+    "float8_e8m0fnu",
+    "float4_e2m1fn_x2",
+)
+DTYPES: dict[str, torch.dtype] = {n: getattr(torch, n) for n in _DTYPE_NAMES if isinstance(getattr(torch, n, None), torch.dtype)}
+_NAMES_BY_DTYPE: dict[torch.dtype, str] = {d: n for n, d in DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Wire name of ``dtype``; raises :class:`PlanError` for a dtype that cannot travel."""
+    try:
+        return _NAMES_BY_DTYPE[dtype]
+    except KeyError:
+        raise PlanError(
+            f"dtype {dtype} cannot travel; supported: {', '.join(sorted(DTYPES))}. Convert the tensor (e.g. .to(torch.float32)) before pushing."
+        ) from None
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """Torch dtype for a wire name; raises :class:`PlanError` for an unknown name."""
+    try:
+        return DTYPES[name]
+    except (KeyError, TypeError):
+        raise PlanError(f"unknown dtype {name!r}; supported: {', '.join(sorted(DTYPES))}") from None
+
+
+_ITEMSIZE: dict[torch.dtype, int] = {d: torch.empty(0, dtype=d).element_size() for d in DTYPES.values()}
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    """Bytes per element of a dtype that can travel."""
+    return _ITEMSIZE[dtype] if dtype in _ITEMSIZE else _ITEMSIZE[dtype_from_name(dtype_name(dtype))]
+
+
+def tensor_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * _ITEMSIZE[dtype]
+
+
+class Role(enum.StrEnum):
+    """What a tensor is to the receiver: a weight, or quantization state (scale / amax)."""
+
+    WEIGHT = "weight"
+    SCALE = "scale"
+
+
+@dataclass(frozen=True, slots=True)
+class TensorMeta:
+    """Where one tensor, or one chunk of a tensor larger than a bucket, sits in the stream.
+
+    ``offset`` and ``nbytes`` locate the bytes inside bucket ``bucket``; ``start`` is the byte
+    offset of this chunk inside the whole tensor (0 for an unchunked tensor). A tensor of
+    ``chunks`` > 1 has one meta per chunk, consecutive in the manifest.
+    """
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    role: Role
+    bucket: int
+    offset: int
+    nbytes: int
+    chunk: int = 0
+    chunks: int = 1
+    start: int = 0
+
+    @property
+    def total_nbytes(self) -> int:
+        """Bytes of the whole tensor (all chunks)."""
+        return tensor_nbytes(self.shape, self.dtype)
+
+    @property
+    def is_chunked(self) -> bool:
+        return self.chunks > 1
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The ordered metas of one push plus bucket sizes and alignment.
+
+    ``bucket_sizes[i]`` is the number of bytes of bucket ``i`` that carry data (the last bucket
+    is usually shorter than ``bucket_bytes``). ``digest`` is a content hash of the layout: two
+    pushes with the same names, shapes, dtypes and options have the same digest, so a receiver
+    that has seen a layout once can accept it by hash.
+    """
+
+    metas: tuple[TensorMeta, ...]
+    bucket_sizes: tuple[int, ...]
+    bucket_bytes: int
+    alignment: int
+
+    @property
+    def num_buckets(self) -> int:
+        return len(self.bucket_sizes)
+
+    @property
+    def total_bytes(self) -> int:
+        """Payload bytes (sum of tensor sizes, padding excluded)."""
+        return sum(m.nbytes for m in self.metas)
+
+    @property
+    def num_tensors(self) -> int:
+        return sum(1 for m in self.metas if m.chunk == 0)
+
+    @cached_property
+    def digest(self) -> str:
+        from refit.wire import manifest_digest
+
+        return manifest_digest(self)
+
+    @cached_property
+    def by_bucket(self) -> tuple[tuple[TensorMeta, ...], ...]:
+        """Metas grouped by bucket index, in stream order."""
+        groups: list[list[TensorMeta]] = [[] for _ in self.bucket_sizes]
+        for m in self.metas:
+            groups[m.bucket].append(m)
+        return tuple(tuple(g) for g in groups)

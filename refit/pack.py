@@ -1,0 +1,135 @@
+"""Pack tensors into, and unpack them out of, flat byte buckets.
+
+Copies are done on raw integer views of the same element size (``uint8``/``int16``/``int32``/
+``int64``), so every dtype, float8 and packed float4 included, moves bit for bit, NaN payloads
+too, and no dtype needs a copy kernel of its own. Small tensors go through one multi-tensor
+``torch._foreach_copy_`` launch; large ones through plain ``copy_``, which reaches higher
+bandwidth than the multi-tensor kernel does for big contiguous blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from refit.errors import PlanError
+from refit.meta import TensorMeta, itemsize
+
+_RAW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# Above this many bytes a tensor is copied on its own (plain copy_ beats the foreach kernel).
+LARGE_COPY_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Lazy:
+    """A tensor the sender writes straight into its bucket, saving the pack copy.
+
+    ``fill(out)`` receives a view of shape ``shape`` and dtype ``dtype`` in the send buffer (on
+    the transport's device) and must write the whole tensor into it, e.g. the output of an
+    all-gather or a format conversion. Only ``shape`` and ``dtype`` are needed to plan.
+
+    Example:
+        >>> lazy = Lazy((4, 4), torch.bfloat16, lambda out: out.fill_(1))
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    fill: Callable[[torch.Tensor], object]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        if not callable(self.fill):
+            raise PlanError(f"Lazy.fill must be callable, got {type(self.fill).__name__}")
+        if not isinstance(self.dtype, torch.dtype):
+            raise PlanError(f"Lazy.dtype must be a torch.dtype, got {self.dtype!r}")
+
+    def materialize(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=self.dtype, device=device)
+        self.fill(out)
+        return out
+
+
+def raw(t: torch.Tensor) -> torch.Tensor:
+    """Integer view of ``t`` with the same element size (keeps shape and strides)."""
+    return t.view(_RAW[t.element_size()])
+
+
+def bucket_view(bucket: torch.Tensor, meta: TensorMeta) -> torch.Tensor:
+    """Typed view of ``meta``'s bytes in ``bucket`` (a 1-D ``uint8`` tensor).
+
+    A whole tensor comes back with its dtype and shape (``()`` for 0-d); a chunk of a larger
+    tensor comes back flat (1-D) in the tensor's dtype, covering elements
+    ``meta.start // itemsize`` onwards.
+    """
+    region = bucket[meta.offset : meta.offset + meta.nbytes]
+    if meta.is_chunked:
+        return region.view(meta.dtype)
+    return region.view(meta.dtype).view(meta.shape)
+
+
+def unpack(bucket: torch.Tensor, metas: Sequence[TensorMeta]) -> list[torch.Tensor]:
+    """Views of every meta's tensor in ``bucket``.
+
+    The returned tensors are *views* of the bucket, not copies: they are overwritten when the
+    bucket is reused for the next one. Copy what you want to keep.
+    """
+    return [bucket_view(bucket, m) for m in metas]
+
+
+def chunk_of(t: torch.Tensor, meta: TensorMeta) -> torch.Tensor:
+    """The flat slice of ``t`` that ``meta`` (a chunk) carries."""
+    size = itemsize(meta.dtype)
+    first = meta.start // size
+    return t.reshape(-1)[first : first + meta.nbytes // size]
+
+
+def copy_many(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], non_blocking: bool = False) -> None:
+    """Copy ``srcs[i]`` into ``dsts[i]`` bit for bit (same shapes, same element sizes).
+
+    Large tensors use one ``copy_`` each; the rest one ``_foreach_copy_`` per device pair.
+    """
+    small: dict[tuple[torch.device, torch.device], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for d, s in zip(dsts, srcs, strict=True):
+        if d.numel() == 0:
+            continue
+        rd, rs = raw(d), raw(s)
+        if d.numel() * d.element_size() >= LARGE_COPY_BYTES or rd.shape != rs.shape:
+            rd.copy_(rs.reshape(rd.shape), non_blocking=non_blocking)
+        else:
+            pair = small.setdefault((d.device, s.device), ([], []))
+            pair[0].append(rd)
+            pair[1].append(rs)
+    for (dev_d, dev_s), (ds, ss) in small.items():
+        if dev_d == dev_s:
+            torch._foreach_copy_(ds, ss)
+        else:
+            for d, s in zip(ds, ss, strict=True):
+                d.copy_(s, non_blocking=non_blocking)
+
+
+def pack(
+    bucket: torch.Tensor,
+    metas: Sequence[TensorMeta],
+    sources: Sequence[torch.Tensor | Lazy],
+    non_blocking: bool = False,
+) -> None:
+    """Write ``sources[i]`` (the whole tensor of ``metas[i]``) into ``bucket``.
+
+    For a chunk, ``sources[i]`` is the whole tensor and only the chunk's slice is copied. A
+    :class:`Lazy` source of an unchunked meta is filled directly into its bucket view; a
+    chunked Lazy must be materialized by the caller first (see ``Sender``).
+    """
+    dsts: list[torch.Tensor] = []
+    srcs: list[torch.Tensor] = []
+    for meta, src in zip(metas, sources, strict=True):
+        view = bucket_view(bucket, meta)
+        if isinstance(src, Lazy):
+            if meta.is_chunked:
+                raise PlanError(f"{meta.name}: a chunked Lazy tensor must be materialized before packing")
+            src.fill(view)
+            continue
+        dsts.append(view)
+        srcs.append(chunk_of(src, meta) if meta.is_chunked else src)
+    copy_many(dsts, srcs, non_blocking=non_blocking)

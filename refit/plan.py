@@ -1,0 +1,131 @@
+"""Bucket planning: a pure, deterministic function from tensor metadata to a :class:`Manifest`.
+
+Tensors are laid out in the order given, each at an offset aligned to ``alignment`` bytes (a
+power of two, at least 16, so that every dtype's view into the byte bucket is legal). A tensor
+that does not fit in what is left of the current bucket starts a new one; a tensor larger than
+``bucket_bytes`` is split into chunks that fill consecutive buckets and are reassembled exactly
+by the receiver. The function does no I/O and touches no tensor data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import torch
+
+from refit.errors import PlanError, problem_list
+from refit.meta import Manifest, Role, TensorMeta, itemsize
+
+DEFAULT_BUCKET_BYTES = 512 << 20
+DEFAULT_ALIGNMENT = 256
+MIN_ALIGNMENT = 16
+
+
+class PlanEntry(NamedTuple):
+    """What the planner needs to know of one tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    role: Role = Role.WEIGHT
+
+
+def check_layout_options(bucket_bytes: int, alignment: int) -> None:
+    """Validate bucket size and alignment; raises :class:`PlanError` with the fix."""
+    if not isinstance(alignment, int) or alignment < MIN_ALIGNMENT or alignment & (alignment - 1):
+        raise PlanError(f"alignment must be a power of two >= {MIN_ALIGNMENT}, got {alignment!r}")
+    if not isinstance(bucket_bytes, int) or bucket_bytes < alignment:
+        raise PlanError(f"bucket_bytes must be an int >= alignment ({alignment}), got {bucket_bytes!r}")
+    if bucket_bytes % alignment:
+        raise PlanError(f"bucket_bytes ({bucket_bytes}) must be a multiple of alignment ({alignment}); use {bucket_bytes // alignment * alignment}")
+
+
+def plan(
+    entries: Iterable[PlanEntry],
+    *,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    alignment: int = DEFAULT_ALIGNMENT,
+) -> Manifest:
+    """Lay out ``entries`` into buckets.
+
+    Args:
+        entries: ``PlanEntry(name, shape, dtype, role)`` in stream order. Names must be unique.
+        bucket_bytes: capacity of one bucket; a multiple of ``alignment``.
+        alignment: byte alignment of every tensor's offset (power of two, >= 16).
+
+    Returns:
+        The :class:`Manifest`; an empty state gives a manifest with no bucket.
+
+    Raises:
+        PlanError: duplicate or empty names, negative dimensions, dtypes that cannot travel,
+            or invalid options; every bad entry is listed.
+
+    Example:
+        >>> m = plan([PlanEntry("w", (4, 4), torch.float32)], bucket_bytes=1024)
+        >>> (m.metas[0].bucket, m.metas[0].offset, m.metas[0].nbytes)
+        (0, 0, 64)
+    """
+    check_layout_options(bucket_bytes, alignment)
+    metas: list[TensorMeta] = []
+    sizes: list[int] = []
+    problems: list[str] = []
+    seen: set[str] = set()
+    mask = alignment - 1
+    bucket, cursor = 0, 0  # cursor: first free byte of the current bucket
+
+    for entry in entries:
+        name, shape, dtype, role = entry
+        if not isinstance(name, str) or not name:
+            problems.append(f"{name!r}: names must be non-empty strings")
+            continue
+        if name in seen:
+            problems.append(f"{name}: duplicate name (each tensor may appear once per push)")
+            continue
+        seen.add(name)
+        if any((not isinstance(d, int)) or d < 0 for d in shape):
+            problems.append(f"{name}: invalid shape {shape}")
+            continue
+        try:
+            size = itemsize(dtype)
+        except (PlanError, KeyError) as exc:
+            problems.append(f"{name}: {exc}")
+            continue
+        nbytes = math.prod(shape) * size
+        offset = (cursor + mask) & ~mask
+        if offset + nbytes <= bucket_bytes:
+            metas.append(TensorMeta(name, dtype, tuple(shape), role, bucket, offset, nbytes))
+            cursor = offset + nbytes
+            continue
+        if nbytes <= bucket_bytes:  # fits in a fresh bucket
+            sizes.append(cursor)
+            bucket, cursor = bucket + 1, 0
+            metas.append(TensorMeta(name, dtype, tuple(shape), role, bucket, 0, nbytes))
+            cursor = nbytes
+            continue
+        # Larger than a bucket: fill what is left of this bucket, then whole buckets.
+        if offset >= bucket_bytes:
+            sizes.append(cursor)
+            bucket, offset = bucket + 1, 0
+        pieces: list[tuple[int, int, int]] = []  # (bucket, offset, nbytes)
+        left = nbytes
+        while left:
+            take = min(left, bucket_bytes - offset)
+            pieces.append((bucket, offset, take))
+            left -= take
+            if left:
+                sizes.append(offset + take)
+                bucket, offset = bucket + 1, 0
+            else:
+                cursor = offset + take
+        start = 0
+        for i, (b, off, n) in enumerate(pieces):
+            metas.append(TensorMeta(name, dtype, tuple(shape), role, b, off, n, i, len(pieces), start))
+            start += n
+
+    if problems:
+        raise PlanError("cannot plan this push:\n" + problem_list(problems))
+    if metas:
+        sizes.append(cursor)
+    return Manifest(tuple(metas), tuple(sizes), bucket_bytes, alignment)

@@ -1,0 +1,112 @@
+"""``RefitReceiver``: the engine-side entry point for plain torch targets.
+
+It binds a :class:`~refit.load.Loader` (what may be loaded, strictly) to the receiving half of
+a transport (how bytes arrive). The vLLM adapter builds the same pair with its own resolver.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from refit.errors import RefitError, TransportError
+from refit.load import Loader
+from refit.report import RefitReport
+from refit.resolve import Resolver, TensorsResolver
+from refit.transports.base import ReceiverTransport, load_transport
+
+
+class RefitReceiver:
+    """Receives pushes into ``target``.
+
+    Args:
+        target: a ``torch.nn.Module``, a ``dict[str, Tensor]``, or a :class:`Resolver`.
+        transport: ``"zmq"``, ``"cuda_ipc"`` or ``"nccl"``.
+        require_complete: refuse pushes that do not cover every target tensor.
+        name: how this receiver names itself in reports and errors.
+        **options: passed to the transport's receiver (e.g. ``address=`` for zmq).
+
+    Example:
+        >>> rx = RefitReceiver(model, "zmq", address="tcp://127.0.0.1:0")  # doctest: +SKIP
+        >>> rx.info()  # give this to the trainer's Refitter   # doctest: +SKIP
+        >>> report = rx.receive(timeout=60)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        target: torch.nn.Module | Mapping[str, torch.Tensor] | Resolver,
+        transport: str = "zmq",
+        *,
+        require_complete: bool = False,
+        name: str = "receiver",
+        **options: Any,
+    ) -> None:
+        resolver = target if hasattr(target, "resolve") else TensorsResolver(target)  # type: ignore[arg-type]
+        self.loader = Loader(resolver, require_complete=require_complete, name=name)  # type: ignore[arg-type]
+        module = load_transport(transport)
+        self.transport: ReceiverTransport = module.Receiver(name=name, **options)  # type: ignore[attr-defined]
+        self._stop = threading.Event()
+        self.last_error: RefitError | None = None
+
+    @property
+    def version(self) -> int:
+        """Last committed version (0 before the first push)."""
+        return self.loader.version
+
+    @property
+    def torn(self) -> bool:
+        """True while the target holds a partially applied push."""
+        return self.loader.torn
+
+    def check_serving(self) -> None:
+        """Raise :class:`~refit.TornStateError` if the target must not serve now."""
+        self.loader.check_serving()
+
+    def info(self) -> dict[str, Any]:
+        """What a sender needs to reach this receiver (plain values, e.g. the bound address)."""
+        return self.transport.info()  # type: ignore[attr-defined,no-any-return]
+
+    def receive(self, timeout: float | None = 60.0) -> RefitReport:
+        """Serve one push (see :meth:`ReceiverTransport.receive`).
+
+        Raises:
+            TransportError: no push began within ``timeout``, or the stream broke.
+            ResolveError: the push was refused; the target is untouched.
+        """
+        report = self.transport.receive(self.loader, timeout)
+        if report is None:
+            raise TransportError(f"{self.loader.name}: no push began within {timeout} s")
+        return report
+
+    def serve(self, max_pushes: int | None = None, poll: float = 0.5) -> list[RefitReport]:
+        """Serve pushes until :meth:`stop` is called or ``max_pushes`` were committed.
+
+        A refused, broken or garbled push does not stop serving; the last such error is kept
+        in :attr:`last_error`.
+        """
+        reports: list[RefitReport] = []
+        while not self._stop.is_set() and (max_pushes is None or len(reports) < max_pushes):
+            try:
+                report = self.transport.receive(self.loader, poll)
+            except RefitError as exc:
+                self.last_error = exc
+                continue
+            if report is not None:
+                reports.append(report)
+        return reports
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.transport.close()
+
+    def __enter__(self) -> RefitReceiver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

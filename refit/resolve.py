@@ -1,0 +1,124 @@
+"""Name resolution: where does each incoming tensor go on this receiver?
+
+A resolver classifies every manifest name as *local* (a target exists here, with its buffer or
+loader), *remote* (owned by another pipeline stage of this engine: consumed, not loaded) or
+*unknown* (a problem that refuses the push). The strict loader (``load.py``) only talks to this
+small interface, so the vLLM adapter plugs its own resolver into the same receiver.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from refit.meta import TensorMeta
+
+
+class Placement(enum.StrEnum):
+    LOCAL = "local"
+    REMOTE = "remote"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Where one manifest entry goes.
+
+    Exactly one of ``dest`` (a buffer of the entry's shape and dtype, filled by a direct copy)
+    or ``load`` (a callable that receives the whole tensor as a view valid only during the call,
+    e.g. a vLLM ``weight_loader`` bound to its shard) is set for a LOCAL entry. ``key`` names
+    what the entry fills, for duplicate and coverage checks. ``problem`` says why an UNKNOWN
+    entry, or a LOCAL entry with the wrong shape or dtype, cannot be loaded.
+    """
+
+    placement: Placement
+    dest: torch.Tensor | None = None
+    load: Callable[[torch.Tensor], None] | None = None
+    key: str = ""
+    problem: str = ""
+
+
+class Resolver(Protocol):
+    """What a receiver needs to know about its target."""
+
+    def resolve(self, meta: TensorMeta) -> Resolution:
+        """Classify one manifest entry (called once per tensor, before any byte is loaded)."""
+        ...
+
+    def required_keys(self) -> set[str]:
+        """Keys a complete push must cover (for ``require_complete=True``)."""
+        ...
+
+    def post_load(self) -> None:
+        """Runs after the last bucket of a push was applied, before the version is committed."""
+        ...
+
+
+def suggest(name: str, known: Mapping[str, object] | list[str]) -> str:
+    """' (did you mean X?)' for the closest known name, or ''."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_compatible(meta: TensorMeta, dest: torch.Tensor, target: str) -> str:
+    """'' if ``dest`` can take ``meta``'s tensor by direct copy, else the problem."""
+    if tuple(dest.shape) != meta.shape:
+        return f"{meta.name}: shape {list(meta.shape)} does not match {target} {list(dest.shape)}"
+    if dest.dtype != meta.dtype:
+        return f"{meta.name}: dtype {meta.dtype} does not match {target} {dest.dtype}; convert it on the sender"
+    return ""
+
+
+class TensorsResolver:
+    """Resolver for a ``torch.nn.Module`` (parameters and buffers by name) or a dict of tensors.
+
+    Names must match exactly (``Module.named_parameters`` / ``named_buffers`` names, tied
+    weights under each of their names). Targets are written in place, under ``no_grad``.
+
+    Args:
+        target: the module or ``dict[str, Tensor]`` to load into.
+        post_load: optional hook run after the last bucket of each push.
+    """
+
+    def __init__(self, target: torch.nn.Module | Mapping[str, torch.Tensor], post_load: Callable[[], None] | None = None):
+        if isinstance(target, torch.nn.Module):
+            tensors: dict[str, torch.Tensor] = {}
+            for n, p in target.named_parameters(remove_duplicate=False):
+                tensors[n] = p.data
+            for n, b in target.named_buffers(remove_duplicate=False):
+                if b is not None:
+                    tensors[n] = b
+        elif isinstance(target, Mapping):
+            tensors = dict(target)
+            bad = [k for k, v in tensors.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+            if bad:
+                from refit.errors import ResolveError
+
+                raise ResolveError(f"a dict target must map str -> Tensor; bad keys: {bad[:5]}")
+        else:
+            from refit.errors import ResolveError
+
+            raise ResolveError(f"target must be a torch.nn.Module or a dict of tensors, got {type(target).__name__}")
+        self.tensors = tensors
+        self._post_load = post_load
+
+    def resolve(self, meta: TensorMeta) -> Resolution:
+        dest = self.tensors.get(meta.name)
+        if dest is None:
+            return Resolution(Placement.UNKNOWN, key=meta.name, problem=f"{meta.name}: no such parameter or buffer{suggest(meta.name, self.tensors)}")
+        problem = check_compatible(meta, dest, "target")
+        if not problem and not dest.is_contiguous() and meta.is_chunked:
+            problem = f"{meta.name}: target is not contiguous; chunked tensors need a contiguous target"
+        return Resolution(Placement.LOCAL, dest=dest, key=meta.name, problem=problem)
+
+    def required_keys(self) -> set[str]:
+        return set(self.tensors)
+
+    def post_load(self) -> None:
+        if self._post_load is not None:
+            self._post_load()

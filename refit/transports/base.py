@@ -1,0 +1,174 @@
+"""The transport contract: paired sender and receiver halves, one lifecycle.
+
+A push is ``handshake -> buckets -> finish``. The trainer-side driver (:func:`stream`) owns the
+loop that is the same for every transport: wait until a staging buffer may be reused, pack the
+next bucket into it, hand it to the transport. A transport only says how a bucket's bytes and
+the control messages reach the receivers. Receivers run a :class:`~refit.load.Loader`, which
+decides what is loaded; the transport only feeds it.
+
+Transports are found by name and imported when first used, so ``import refit`` needs only torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from typing import Any, Protocol
+
+import torch
+
+from refit.errors import RefitError
+from refit.load import Loader
+from refit.meta import Manifest
+from refit.pack import Lazy, pack
+from refit.report import RefitReport
+
+# name -> "module:Sender,Receiver"; imported lazily.
+TRANSPORTS: dict[str, str] = {
+    "local": "refit.transports.local",
+    "zmq": "refit.transports.zmq",
+    "cuda_ipc": "refit.transports.cuda_ipc",
+    "nccl": "refit.transports.nccl",
+}
+
+Progress = Callable[[int, int], None]
+
+
+class Sender(ABC):
+    """Trainer half of a transport. One push at a time; reusable across pushes."""
+
+    #: device of the staging buffers (pack copies land here)
+    device: torch.device = torch.device("cpu")
+
+    @abstractmethod
+    def handshake(self, manifest: Manifest, version: int) -> None:
+        """Offer the manifest to every receiver; return when all accepted.
+
+        Raises:
+            ResolveError: a receiver refused; lists every receiver's problems. Nothing was sent.
+            TransportError: a receiver did not answer in time.
+        """
+
+    @abstractmethod
+    def buffers(self, bucket_bytes: int, num_buffers: int) -> list[torch.Tensor]:
+        """The persistent 1-D uint8 staging buffers (allocated once, reused across pushes)."""
+
+    @abstractmethod
+    def wait_reusable(self, slot: int) -> None:
+        """Block until buffer ``slot`` may be overwritten (its last bucket was consumed)."""
+
+    @abstractmethod
+    def send(self, index: int, slot: int, nbytes: int) -> None:
+        """Bucket ``index`` is packed in buffer ``slot`` (first ``nbytes`` bytes); send it."""
+
+    @abstractmethod
+    def finish(self) -> list[RefitReport]:
+        """Every bucket was sent: wait for each receiver to verify and commit; their reports."""
+
+    @abstractmethod
+    def abort(self, reason: str) -> None:
+        """Tell the receivers the push in progress is abandoned (best effort, never raises)."""
+
+    def close(self) -> None:
+        """Release sockets, buffers and handles."""
+
+    def __enter__(self) -> Sender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ReceiverTransport(ABC):
+    """Engine half of a transport: runs whole pushes into a :class:`Loader`."""
+
+    @abstractmethod
+    def info(self) -> dict[str, Any]:
+        """What a sender needs to reach this receiver (plain values: addresses, ids)."""
+
+    @abstractmethod
+    def receive(self, loader: Loader, timeout: float | None) -> RefitReport | None:
+        """Serve one push: handshake, buckets, finish.
+
+        Waits up to ``timeout`` seconds for a push to begin (``None``: forever) and returns
+        ``None`` if none did; once a push began, every wait is bounded by ``timeout`` too.
+
+        Raises:
+            ResolveError: the push was refused (the target is untouched).
+            TransportError: the sender went silent or the stream broke (the loader is torn if a
+                bucket had been applied).
+        """
+
+    def close(self) -> None:
+        """Release sockets, buffers and handles."""
+
+
+class EngineHandle(Protocol):
+    """What ``Refitter(engine=...)`` drives: the receivers of one or more engines.
+
+    ``open`` makes every worker join the transport and returns each worker's ``info()``; each
+    push calls ``begin_receive`` before the handshake, and the future yields the workers'
+    reports once the push completes. The vLLM adapter provides one.
+    """
+
+    def open(self, transport: str, options: Mapping[str, Any]) -> list[dict[str, Any]]: ...
+
+    def begin_receive(self, timeout: float) -> Future[list[RefitReport]]: ...
+
+    def close(self) -> None: ...
+
+
+def load_transport(name: str) -> object:
+    """Import the module of transport ``name``."""
+    try:
+        module = TRANSPORTS[name]
+    except KeyError:
+        raise RefitError(f"unknown transport {name!r}; choose one of {sorted(TRANSPORTS)}") from None
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        extra = {"zmq": "zmq", "cuda_ipc": "zmq", "nccl": "nccl"}.get(name, "")
+        hint = f" (pip install 'refit-stream[{extra}]')" if extra else ""
+        raise RefitError(f"transport {name!r} needs a package that is not installed: {exc}{hint}") from exc
+
+
+def stream(
+    sender: Sender,
+    manifest: Manifest,
+    sources: Mapping[str, torch.Tensor | Lazy],
+    *,
+    num_buffers: int,
+    progress: Progress | None = None,
+) -> dict[str, float]:
+    """Pack and send every bucket of ``manifest`` with at most ``num_buffers`` in flight.
+
+    Returns seconds spent packing and waiting for buffer reuse. Chunked :class:`Lazy` sources
+    are materialized once (on the buffers' device) and dropped after their last chunk.
+    """
+    bufs = sender.buffers(manifest.bucket_bytes, num_buffers)
+    pack_s = wait_s = 0.0
+    materialized: dict[str, torch.Tensor] = {}
+    for index, metas in enumerate(manifest.by_bucket):
+        slot = index % len(bufs)
+        t0 = time.perf_counter()
+        sender.wait_reusable(slot)
+        t1 = time.perf_counter()
+        srcs: list[torch.Tensor | Lazy] = []
+        for m in metas:
+            src = sources[m.name]
+            if isinstance(src, Lazy) and m.is_chunked:
+                if m.name not in materialized:
+                    materialized[m.name] = src.materialize(bufs[slot].device)
+                src = materialized[m.name] if m.chunk < m.chunks - 1 else materialized.pop(m.name)
+            srcs.append(src)
+        pack(bufs[slot], metas, srcs, non_blocking=bufs[slot].is_pinned())
+        t2 = time.perf_counter()
+        sender.send(index, slot, manifest.bucket_sizes[index])
+        wait_s += t1 - t0
+        pack_s += t2 - t1
+        if progress is not None:
+            progress(index + 1, manifest.num_buckets)
+    return {"pack": pack_s, "wait": wait_s}

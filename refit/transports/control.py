@@ -1,0 +1,315 @@
+"""The push protocol over ZMQ control sockets, shared by ``zmq``, ``cuda_ipc`` and ``nccl``.
+
+Sender side, :class:`PeerGroup`: one DEALER socket per receiver. ``handshake`` offers the
+manifest (only its digest when the receiver accepted that layout before), gathers every verdict
+and refuses the whole push if one receiver refuses. ``send_bucket`` / ``wait_acked`` implement
+the bounded window (a staging buffer is reused only after every receiver acknowledged the bucket
+in it). ``finish`` collects each receiver's report.
+
+Receiver side, :class:`ControlServer`: one ROUTER socket bound to loopback (or ``ipc://`` with
+owner-only permissions). :meth:`ControlServer.receive` runs one push through a Loader; how a
+bucket's bytes arrive is the transport's ``bucket_source``.
+
+Every wait is bounded; a timeout raises :class:`TransportError` naming the peer, the phase and
+the bucket. Message order per peer is FIFO (ZMQ guarantees it per connection), which is what
+the acks rely on. See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import stat
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import zmq
+
+from refit.errors import ResolveError, TransportError, WireError, problem_list
+from refit.load import Loader
+from refit.meta import Manifest
+from refit.report import RefitReport
+from refit.wire import Abort, Ack, Bucket, Done, Finish, Hello, Message, Verdict, decode, encode
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:*"
+
+Frames = list[Any]
+
+
+def _ms(timeout: float | None) -> int:
+    return -1 if timeout is None else max(0, int(timeout * 1000))
+
+
+class Peer:
+    """Control connection from the sender to one receiver (a DEALER socket)."""
+
+    def __init__(self, ctx: zmq.Context[Any], address: str, timeout: float) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDTIMEO, _ms(timeout))
+        self.sock.connect(address)
+        self.digests: set[str] = set()  # layouts this receiver accepted
+        self.acked = -1
+
+    def send(self, msg: Message, *data: Any) -> None:
+        try:
+            self.sock.send_multipart([encode(msg), *data], copy=False)
+        except zmq.Again:
+            raise TransportError(f"receiver {self.address}: could not send {type(msg).__name__} within {self.timeout} s") from None
+
+    def recv(self, phase: str, bucket: int | None = None) -> Message:
+        """Next message from this receiver, or TransportError after ``timeout``."""
+        if not self.sock.poll(_ms(self.timeout)):
+            where = f", bucket {bucket}" if bucket is not None else ""
+            raise TransportError(f"receiver {self.address} did not answer within {self.timeout} s (phase {phase}{where})")
+        frames = self.sock.recv_multipart()
+        try:
+            return decode(frames[0])
+        except WireError as exc:
+            raise TransportError(f"receiver {self.address} sent an invalid message in phase {phase}: {exc}") from exc
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+class PeerGroup:
+    """The sender's side of the protocol, to every receiver of one push."""
+
+    def __init__(self, addresses: Sequence[str], *, timeout: float, ctx: zmq.Context[Any] | None = None) -> None:
+        if not addresses:
+            raise TransportError("no receivers: pass peers=[address, ...] (each receiver's info()['address'])")
+        self.ctx = ctx or zmq.Context.instance()
+        self.timeout = timeout
+        self.peers = [Peer(self.ctx, a, timeout) for a in addresses]
+        self.push_id = 0
+
+    def handshake(self, manifest: Manifest, version: int, num_buffers: int) -> None:
+        """Offer the push to every receiver; return when all accepted.
+
+        Raises:
+            ResolveError: one or more receivers refused (all are told to abort).
+            TransportError: a receiver did not answer.
+        """
+        self.push_id = random.getrandbits(62)
+        for p in self.peers:
+            p.acked = -1
+            known = manifest.digest in p.digests
+            p.send(Hello(self.push_id, version, manifest.digest, None if known else manifest, num_buffers))
+        refusals: list[str] = []
+        try:
+            for p in self.peers:
+                verdict = self._verdict(p, manifest, version, num_buffers)
+                if verdict.accept:
+                    p.digests.add(manifest.digest)
+                else:
+                    refusals += [f"[{verdict.peer}] {x}" for x in verdict.problems]
+        except TransportError:
+            self.abort("handshake failed")
+            raise
+        if refusals:
+            self.abort("a receiver refused the push")
+            raise ResolveError(
+                f"push refused by {len({r.split(']')[0] for r in refusals})} receiver(s); nothing was loaded:\n" + problem_list(refusals),
+                refusals,
+            )
+
+    def _verdict(self, p: Peer, manifest: Manifest, version: int, num_buffers: int) -> Verdict:
+        for _ in range(2):
+            msg = self._expect(p, "handshake")
+            if not isinstance(msg, Verdict):
+                raise TransportError(f"receiver {p.address}: expected a verdict, got {type(msg).__name__}")
+            if not msg.need_manifest:
+                return msg
+            p.digests.discard(manifest.digest)
+            p.send(Hello(self.push_id, version, manifest.digest, manifest, num_buffers))
+        raise TransportError(f"receiver {p.address} asked for the manifest twice")
+
+    def _expect(self, p: Peer, phase: str, bucket: int | None = None) -> Message:
+        """Next message of this push from ``p`` (stale ones skipped); an Abort raises."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            msg = p.recv(phase, bucket)
+            if msg.push_id != self.push_id:
+                if time.monotonic() > deadline:
+                    raise TransportError(f"receiver {p.address}: only stale messages (phase {phase})")
+                continue
+            if isinstance(msg, Abort):
+                where = f", bucket {bucket}" if bucket is not None else ""
+                raise TransportError(f"receiver {p.address} aborted the push (phase {phase}{where}): {msg.reason}")
+            return msg
+
+    def send_bucket(self, index: int, nbytes: int, slot: int, *data: Any) -> None:
+        for p in self.peers:
+            p.send(Bucket(self.push_id, index, nbytes, slot), *data)
+
+    def wait_acked(self, index: int) -> None:
+        """Block until every receiver acknowledged bucket ``index`` (and all before it)."""
+        for p in self.peers:
+            while p.acked < index:
+                msg = self._expect(p, "buckets", p.acked + 1)
+                if not isinstance(msg, Ack) or msg.index != p.acked + 1:
+                    raise TransportError(f"receiver {p.address}: expected ack of bucket {p.acked + 1}, got {msg}")
+                p.acked = msg.index
+
+    def finish(self) -> list[RefitReport]:
+        for p in self.peers:
+            p.send(Finish(self.push_id))
+        reports = []
+        for p in self.peers:
+            while True:
+                msg = self._expect(p, "finish")
+                if isinstance(msg, Ack):  # trailing acks of the last buckets
+                    p.acked = msg.index
+                    continue
+                if not isinstance(msg, Done):
+                    raise TransportError(f"receiver {p.address}: expected done, got {type(msg).__name__}")
+                reports.append(msg.report)
+                break
+        return reports
+
+    def abort(self, reason: str) -> None:
+        for p in self.peers:
+            with contextlib.suppress(Exception):
+                p.sock.send_multipart([encode(Abort(self.push_id, reason[:1000]))], flags=zmq.NOBLOCK)
+
+    def close(self) -> None:
+        for p in self.peers:
+            p.close()
+        self.peers = []
+
+
+# ---------------------------------------------------------------- receiver side
+
+BucketSource = Callable[[Bucket, Frames], torch.Tensor]
+
+
+class ControlServer:
+    """The receiver's control socket (ROUTER) and the protocol loop of one push.
+
+    Args:
+        address: ``tcp://HOST:PORT`` (port ``*`` picks a free one) or ``ipc:///path``.
+            Default: loopback, free port.
+        name: this receiver's name in reports and errors.
+    """
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, name: str = "receiver", ctx: zmq.Context[Any] | None = None) -> None:
+        self.name = name
+        self.ctx = ctx or zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.address = self._bind(address)
+        self._peer: bytes | None = None  # identity of the sender of the push in progress
+
+    def _bind(self, address: str) -> str:
+        if address.startswith("ipc://"):
+            path = address[len("ipc://") :]
+            old = os.umask(0o077)  # the socket file is created owner-only
+            try:
+                self.sock.bind(address)
+            finally:
+                os.umask(old)
+            os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+        else:
+            self.sock.bind(address)
+        return str(self.sock.getsockopt_string(zmq.LAST_ENDPOINT))
+
+    def reply(self, msg: Message) -> None:
+        if self._peer is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self.sock.send_multipart([self._peer, encode(msg)], flags=zmq.NOBLOCK)
+
+    def _next(self, timeout: float | None) -> tuple[Message, Frames] | None:
+        """Next message and its extra frames, or None after ``timeout``. Garbage -> WireError
+        (after telling its sender)."""
+        if not self.sock.poll(_ms(timeout)):
+            return None
+        frames = self.sock.recv_multipart(copy=False)
+        ident = frames[0].bytes
+        if len(frames) < 2:
+            raise WireError(f"{self.name}: message with no header frame")
+        try:
+            msg = decode(frames[1].buffer)
+        except WireError as exc:
+            with contextlib.suppress(zmq.ZMQError):
+                self.sock.send_multipart([ident, encode(Abort(0, f"{self.name}: {exc}"))], flags=zmq.NOBLOCK)
+            raise
+        if isinstance(msg, Hello) or self._peer is None:
+            self._peer = ident
+        elif ident != self._peer:  # another sender while a push is in progress
+            with contextlib.suppress(zmq.ZMQError):
+                self.sock.send_multipart([ident, encode(Abort(msg.push_id, f"{self.name} is busy with another push"))], flags=zmq.NOBLOCK)
+            return self._next(timeout)
+        return msg, frames[2:]
+
+    def receive(self, loader: Loader, timeout: float | None, bucket_source: BucketSource) -> RefitReport | None:
+        """Run one push through ``loader``; see ReceiverTransport.receive."""
+        first = self._next(timeout)
+        if first is None:
+            return None
+        msg, _ = first
+        if not isinstance(msg, Hello):
+            if not isinstance(msg, Abort):
+                self.reply(Abort(msg.push_id, f"{self.name}: no push in progress"))
+            return None
+        hello = self._accept(loader, msg, timeout)
+        next_bucket = 0
+        try:
+            while True:
+                got = self._next(timeout)
+                if got is None:
+                    raise TransportError(f"{self.name}: sender went silent for {timeout} s (phase buckets, bucket {next_bucket})")
+                msg, frames = got
+                if msg.push_id != hello.push_id:
+                    if isinstance(msg, Hello):  # the sender started over
+                        loader.abort("superseded by a new push")
+                        hello = self._accept(loader, msg, timeout)
+                        next_bucket = 0
+                    continue
+                if isinstance(msg, Bucket):
+                    loader.apply(msg.index, bucket_source(msg, frames))
+                    next_bucket = msg.index + 1
+                    self.reply(Ack(hello.push_id, msg.index))
+                elif isinstance(msg, Finish):
+                    report = loader.finish()
+                    self.reply(Done(hello.push_id, report))
+                    return report
+                elif isinstance(msg, Abort):
+                    raise TransportError(f"{self.name}: sender aborted the push at bucket {next_bucket}: {msg.reason}")
+                else:
+                    raise WireError(f"{self.name}: unexpected {type(msg).__name__} in phase buckets")
+        except BaseException as exc:
+            loader.abort(str(exc))
+            if not isinstance(exc, TransportError) or "sender aborted" not in str(exc):
+                self.reply(Abort(hello.push_id, f"{self.name}: {exc}"[:1000]))
+            raise
+
+    def _accept(self, loader: Loader, hello: Hello, timeout: float | None) -> Hello:
+        """Answer a Hello (asking for the manifest when only a digest came); raise on refusal."""
+        manifest = hello.manifest or loader.knows(hello.digest)
+        if manifest is None:
+            self.reply(Verdict(hello.push_id, False, True, (), self.name))
+            got = self._next(timeout)
+            if got is None or not isinstance(got[0], Hello) or got[0].manifest is None:
+                raise TransportError(f"{self.name}: sender did not send the manifest it was asked for (phase handshake)")
+            hello = got[0]
+            manifest = hello.manifest
+        if manifest is None or manifest.digest != hello.digest:
+            self.reply(Verdict(hello.push_id, False, False, ("manifest does not match its digest",), self.name))
+            raise WireError(f"{self.name}: manifest does not match its digest")
+        problems = loader.prepare(manifest, hello.version)
+        self.reply(Verdict(hello.push_id, not problems, False, tuple(problems[:1000]), self.name))
+        if problems:
+            raise ResolveError(f"{self.name} refused the push; nothing was loaded:\n" + problem_list(problems), problems)
+        return hello
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        if self.address.startswith("ipc://"):
+            with contextlib.suppress(OSError):
+                os.unlink(self.address[len("ipc://") :])
