@@ -64,6 +64,12 @@ def _list(v: Any, field: str, max_len: int = MAX_U64) -> list[Any]:
     return v
 
 
+def _bytes(v: Any, field: str, max_len: int) -> bytes:
+    if type(v) is not bytes or len(v) > max_len:
+        raise WireError(f"field {field!r}: expected at most {max_len} bytes")
+    return v
+
+
 def _bool(v: Any, field: str) -> bool:
     if type(v) is not bool:
         raise WireError(f"field {field!r}: expected a bool, got {v!r:.80}")
@@ -166,6 +172,7 @@ class Hello:
     digest: str
     manifest: Manifest | None
     num_buffers: int
+    extra: bytes = b""  # transport-specific set-up (IPC handles, rendezvous), decoded by the transport
 
 
 @dataclass(frozen=True)
@@ -238,6 +245,7 @@ def encode(msg: Message) -> bytes:
             "digest": msg.digest,
             "manifest": None if msg.manifest is None else manifest_to_wire(msg.manifest),
             "num_buffers": msg.num_buffers,
+            "extra": msg.extra,
         }
     elif isinstance(msg, Verdict):
         d = {
@@ -311,6 +319,7 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
             digest=_str(d.get("digest"), "digest", 128),
             manifest=None if raw_manifest is None else manifest_from_wire(raw_manifest),
             num_buffers=_int(d.get("num_buffers"), "num_buffers", 1, 64),
+            extra=_bytes(d.get("extra", b""), "extra", 1 << 20),
         )
     if kind == "verdict":
         problems = _list(d.get("problems"), "problems", MAX_PROBLEMS)

@@ -22,7 +22,7 @@ import os
 import random
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -35,6 +35,11 @@ from refit.report import RefitReport
 from refit.wire import Abort, Ack, Bucket, Done, Finish, Hello, Message, Verdict, decode, encode
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:*"
+
+
+class _SenderAborted(TransportError):
+    """The sender abandoned the push (no need to tell it)."""
+
 
 Frames = list[Any]
 
@@ -88,22 +93,36 @@ class PeerGroup:
         self.peers = [Peer(self.ctx, a, timeout) for a in addresses]
         self.push_id = 0
 
-    def handshake(self, manifest: Manifest, version: int, num_buffers: int) -> None:
+    def handshake(
+        self,
+        manifest: Manifest,
+        version: int,
+        num_buffers: int,
+        extra: Callable[[int], bytes] | None = None,
+        after_hello: Callable[[], None] | None = None,
+    ) -> None:
         """Offer the push to every receiver; return when all accepted.
+
+        ``extra(i)`` is the transport's set-up payload for receiver ``i`` (IPC handles, a
+        rendezvous); ``after_hello()`` runs once every Hello is sent, before the verdicts are
+        awaited (e.g. to join a collective group the receivers join on Hello).
 
         Raises:
             ResolveError: one or more receivers refused (all are told to abort).
             TransportError: a receiver did not answer.
         """
         self.push_id = random.getrandbits(62)
-        for p in self.peers:
+        extras = [extra(i) if extra is not None else b"" for i in range(len(self.peers))]
+        for p, x in zip(self.peers, extras):
             p.acked = -1
             known = manifest.digest in p.digests
-            p.send(Hello(self.push_id, version, manifest.digest, None if known else manifest, num_buffers))
+            p.send(Hello(self.push_id, version, manifest.digest, None if known else manifest, num_buffers, x))
         refusals: list[str] = []
         try:
-            for p in self.peers:
-                verdict = self._verdict(p, manifest, version, num_buffers)
+            if after_hello is not None:
+                after_hello()
+            for p, x in zip(self.peers, extras):
+                verdict = self._verdict(p, manifest, version, num_buffers, x)
                 if verdict.accept:
                     p.digests.add(manifest.digest)
                 else:
@@ -118,7 +137,7 @@ class PeerGroup:
                 refusals,
             )
 
-    def _verdict(self, p: Peer, manifest: Manifest, version: int, num_buffers: int) -> Verdict:
+    def _verdict(self, p: Peer, manifest: Manifest, version: int, num_buffers: int, extra: bytes) -> Verdict:
         for _ in range(2):
             msg = self._expect(p, "handshake")
             if not isinstance(msg, Verdict):
@@ -126,7 +145,7 @@ class PeerGroup:
             if not msg.need_manifest:
                 return msg
             p.digests.discard(manifest.digest)
-            p.send(Hello(self.push_id, version, manifest.digest, manifest, num_buffers))
+            p.send(Hello(self.push_id, version, manifest.digest, manifest, num_buffers, extra))
         raise TransportError(f"receiver {p.address} asked for the manifest twice")
 
     def _expect(self, p: Peer, phase: str, bucket: int | None = None) -> Message:
@@ -248,7 +267,36 @@ class ControlServer:
         return msg, frames[2:]
 
     def receive(self, loader: Loader, timeout: float | None, bucket_source: BucketSource) -> RefitReport | None:
-        """Run one push through ``loader``; see ReceiverTransport.receive."""
+        """Run one message-driven push (buckets arrive as Bucket messages) through ``loader``.
+
+        See ReceiverTransport.receive. Transports whose bytes do not travel as messages (a
+        collective broadcast) compose :meth:`begin`, their own bucket loop and :meth:`end`.
+        """
+        hello = self.begin(loader, timeout)
+        if hello is None:
+            return None
+        with self.guard(loader, hello):
+            next_bucket = 0
+            while True:
+                msg, frames, hello = self._in_push(loader, hello, timeout, f"buckets, bucket {next_bucket}")
+                if isinstance(msg, Bucket):
+                    loader.apply(msg.index, bucket_source(msg, frames))
+                    next_bucket = msg.index + 1
+                    self.reply(Ack(hello.push_id, msg.index))
+                elif isinstance(msg, Finish):
+                    return self._commit(loader, hello)
+                else:
+                    raise WireError(f"{self.name}: unexpected {type(msg).__name__} in phase buckets")
+
+    def begin(self, loader: Loader, timeout: float | None, on_hello: Callable[[Hello], None] | None = None) -> Hello | None:
+        """Wait up to ``timeout`` for a push and answer its handshake.
+
+        ``on_hello(hello)`` runs first (transport set-up from ``hello.extra``). Returns the
+        accepted Hello, or None if no push began.
+
+        Raises:
+            ResolveError: the push was refused (the sender was told; nothing is loaded).
+        """
         first = self._next(timeout)
         if first is None:
             return None
@@ -257,40 +305,55 @@ class ControlServer:
             if not isinstance(msg, Abort):
                 self.reply(Abort(msg.push_id, f"{self.name}: no push in progress"))
             return None
-        hello = self._accept(loader, msg, timeout)
-        next_bucket = 0
+        return self._accept(loader, msg, timeout, on_hello)
+
+    def end(self, loader: Loader, hello: Hello, timeout: float | None) -> RefitReport:
+        """Wait for Finish, commit, reply Done (after a transport's own bucket loop)."""
+        with self.guard(loader, hello):
+            msg, _, hello = self._in_push(loader, hello, timeout, "finish")
+            if not isinstance(msg, Finish):
+                raise WireError(f"{self.name}: expected finish, got {type(msg).__name__}")
+            return self._commit(loader, hello)
+
+    @contextlib.contextmanager
+    def guard(self, loader: Loader, hello: Hello) -> Iterator[None]:
+        """On any failure inside: abandon the push (torn if applied) and tell the sender."""
         try:
-            while True:
-                got = self._next(timeout)
-                if got is None:
-                    raise TransportError(f"{self.name}: sender went silent for {timeout} s (phase buckets, bucket {next_bucket})")
-                msg, frames = got
-                if msg.push_id != hello.push_id:
-                    if isinstance(msg, Hello):  # the sender started over
-                        loader.abort("superseded by a new push")
-                        hello = self._accept(loader, msg, timeout)
-                        next_bucket = 0
-                    continue
-                if isinstance(msg, Bucket):
-                    loader.apply(msg.index, bucket_source(msg, frames))
-                    next_bucket = msg.index + 1
-                    self.reply(Ack(hello.push_id, msg.index))
-                elif isinstance(msg, Finish):
-                    report = loader.finish()
-                    self.reply(Done(hello.push_id, report))
-                    return report
-                elif isinstance(msg, Abort):
-                    raise TransportError(f"{self.name}: sender aborted the push at bucket {next_bucket}: {msg.reason}")
-                else:
-                    raise WireError(f"{self.name}: unexpected {type(msg).__name__} in phase buckets")
+            yield
         except BaseException as exc:
             loader.abort(str(exc))
-            if not isinstance(exc, TransportError) or "sender aborted" not in str(exc):
+            if not isinstance(exc, _SenderAborted):
                 self.reply(Abort(hello.push_id, f"{self.name}: {exc}"[:1000]))
             raise
 
-    def _accept(self, loader: Loader, hello: Hello, timeout: float | None) -> Hello:
+    def _in_push(self, loader: Loader, hello: Hello, timeout: float | None, phase: str) -> tuple[Message, Frames, Hello]:
+        """Next message of the push in progress; stale ones are skipped, a sender's Abort or
+        silence raises TransportError."""
+        while True:
+            got = self._next(timeout)
+            if got is None:
+                raise TransportError(f"{self.name}: sender went silent for {timeout} s (phase {phase})")
+            msg, frames = got
+            if isinstance(msg, Abort) and msg.push_id == hello.push_id:
+                raise _SenderAborted(f"{self.name}: sender aborted the push (phase {phase}): {msg.reason}")
+            if msg.push_id == hello.push_id:
+                return msg, frames, hello
+            if isinstance(msg, Hello):  # the sender started over; the old push is abandoned
+                raise TransportError(f"{self.name}: a new push began during phase {phase}; the previous one is abandoned")
+
+    def _commit(self, loader: Loader, hello: Hello) -> RefitReport:
+        report = loader.finish()
+        self.reply(Done(hello.push_id, report))
+        return report
+
+    def _accept(self, loader: Loader, hello: Hello, timeout: float | None, on_hello: Callable[[Hello], None] | None) -> Hello:
         """Answer a Hello (asking for the manifest when only a digest came); raise on refusal."""
+        if on_hello is not None:
+            try:
+                on_hello(hello)
+            except Exception as exc:
+                self.reply(Verdict(hello.push_id, False, False, (f"transport set-up failed: {exc}"[:1000],), self.name))
+                raise
         manifest = hello.manifest or loader.knows(hello.digest)
         if manifest is None:
             self.reply(Verdict(hello.push_id, False, True, (), self.name))
