@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 
+from refit.errors import ResolveError
 from refit.meta import TensorMeta
 
 
@@ -97,12 +98,8 @@ class TensorsResolver:
             tensors = dict(target)
             bad = [k for k, v in tensors.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
             if bad:
-                from refit.errors import ResolveError
-
                 raise ResolveError(f"a dict target must map str -> Tensor; bad keys: {bad[:5]}")
         else:
-            from refit.errors import ResolveError
-
             raise ResolveError(f"target must be a torch.nn.Module or a dict of tensors, got {type(target).__name__}")
         self.tensors = tensors
         self._post_load = post_load

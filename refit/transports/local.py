@@ -24,24 +24,27 @@ class LocalSender(Sender):
     """Pushes into ``target`` (a module, a dict of tensors, or any :class:`Resolver`) in-process.
 
     Args:
-        target: what to load into.
+        target: what to load into (a :class:`Loader` is used as is, keeping its version).
         device: where staging buckets live; default: the device of the target's first tensor.
         require_complete: refuse pushes that do not cover every target tensor.
     """
 
     def __init__(
         self,
-        target: torch.nn.Module | Mapping[str, torch.Tensor] | Resolver | None = None,
+        target: torch.nn.Module | Mapping[str, torch.Tensor] | Resolver | Loader | None = None,
         *,
         device: str | torch.device | None = None,
         require_complete: bool = False,
     ) -> None:
         if target is None:
             raise RefitError("transport 'local' needs target=<module or dict of tensors>")
-        resolver = target if hasattr(target, "resolve") else TensorsResolver(target)  # type: ignore[arg-type]
-        self.loader = Loader(resolver, require_complete=require_complete, name="local")  # type: ignore[arg-type]
+        if isinstance(target, Loader):  # an existing receiver state (version, torn) to push into
+            self.loader = target
+        else:
+            resolver = target if hasattr(target, "resolve") else TensorsResolver(target)  # type: ignore[arg-type]
+            self.loader = Loader(resolver, require_complete=require_complete, name="local")  # type: ignore[arg-type]
         if device is None:
-            first = next(iter(getattr(resolver, "tensors", {}).values()), None)
+            first = next(iter(getattr(self.loader.resolver, "tensors", {}).values()), None)
             device = first.device if first is not None else "cpu"
         self.device = torch.device(device)
         self._bufs: list[torch.Tensor] = []

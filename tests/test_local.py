@@ -1,0 +1,177 @@
+"""The public API over the in-process transport: strict loading, refusals, torn state."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import refit
+from refit import Lazy, PlanError, Refitter, ResolveError
+from refit.load import Loader
+from refit.plan import PlanEntry, plan
+from refit.resolve import TensorsResolver
+from tests.conftest import every_dtype_state, same_bits
+
+pytestmark = pytest.mark.unit
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 32)
+        self.out = torch.nn.Linear(32, 8, bias=False)
+        self.register_buffer("k_scale", torch.tensor(1.0))
+        self.register_buffer("amax", torch.zeros(8))
+
+
+def snapshot(m: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def new_weights(m: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=g).to(v.dtype) for k, v in m.state_dict().items() if k not in ("k_scale", "amax")}
+
+
+def test_import_pulls_no_optional_backend() -> None:
+    code = "import sys, refit; bad = [m for m in sys.modules if m.split('.')[0] in ('zmq', 'cupy', 'ray', 'vllm')]; print(bad)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+
+
+def test_push_weights_and_scales_bit_exact() -> None:
+    m = Tiny()
+    w = new_weights(m)
+    scales = {"k_scale": torch.tensor(0.25), "amax": torch.rand(8)}
+    with Refitter("local", target=m, bucket_bytes=1024) as r:
+        rep = r.push(w, scales)
+    for k, v in {**w, **scales}.items():
+        assert same_bits(m.state_dict()[k], v), k
+    assert rep.version == 1 and rep.tensors == 5 and rep.receivers[0].loaded == 5
+    assert rep.bytes == sum(v.numel() * v.element_size() for v in {**w, **scales}.values())
+
+
+def test_every_dtype_into_dict_target(gen: torch.Generator) -> None:
+    src = every_dtype_state(gen)
+    dst = {k: torch.empty_like(v) for k, v in src.items()}
+    Refitter("local", target=dst, bucket_bytes=512).push(iter(src.items()))
+    for k, v in src.items():
+        assert same_bits(dst[k], v), k
+
+
+def test_refusal_lists_every_problem_and_loads_nothing() -> None:
+    m = Tiny()
+    before = snapshot(m)
+    w = new_weights(m)
+    w["proj.wieght"] = w.pop("proj.weight")
+    w["out.weight"] = torch.zeros(8, 33)
+    w["proj.bias"] = w["proj.bias"].double()
+    with pytest.raises(ResolveError) as err:
+        Refitter("local", target=m, bucket_bytes=256).push(w, {"no.such.k_scale": torch.tensor(2.0)})
+    msg = str(err.value)
+    assert "proj.wieght: no such parameter or buffer (did you mean 'proj.weight'?)" in msg
+    assert "out.weight: shape [8, 33]" in msg and "proj.bias: dtype torch.float64" in msg and "no.such.k_scale" in msg
+    assert len(err.value.problems) == 4
+    for k, v in before.items():
+        assert same_bits(m.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, -1.0])
+def test_invalid_scales_are_refused_before_sending(bad: float) -> None:
+    m = Tiny()
+    before = snapshot(m)
+    with pytest.raises(PlanError, match="k_scale"):
+        Refitter("local", target=m).push(new_weights(m), {"k_scale": torch.tensor(bad)})
+    for k, v in before.items():
+        assert same_bits(m.state_dict()[k], v), k
+
+
+def test_amax_may_be_zero_but_not_negative() -> None:
+    m = Tiny()
+    Refitter("local", target=m).push({}, {"amax": torch.zeros(8)})
+    with pytest.raises(PlanError, match="amax has negative"):
+        Refitter("local", target=m).push({}, {"amax": -torch.ones(8)})
+
+
+@pytest.mark.parametrize(
+    ("state", "scales", "match"),
+    [
+        ({"a": [1, 2]}, None, "expected a torch.Tensor"),
+        ({"a": torch.zeros(2)}, {"a": torch.ones(())}, "more than once"),
+        ({"a": torch.zeros(2, dtype=torch.complex64)}, None, "cannot travel"),
+        ({"a": torch.zeros(2).to_sparse()}, None, "dense"),
+        ([("a", torch.zeros(1), 3)], None, "pairs"),
+        ({}, [torch.ones(())], "mapping"),
+    ],
+)
+def test_input_validation(state: object, scales: object, match: str) -> None:
+    with pytest.raises(PlanError, match=match):
+        Refitter("local", target={"a": torch.zeros(2)}).push(state, scales)  # type: ignore[arg-type]
+
+
+def test_module_instead_of_state_is_a_clear_error() -> None:
+    with pytest.raises(PlanError, match="state_dict"):
+        Refitter("local", target=Tiny()).push(Tiny())  # type: ignore[arg-type]
+
+
+def test_require_complete() -> None:
+    m = Tiny()
+    with pytest.raises(ResolveError, match="out.weight: missing"):
+        Refitter("local", target=m, require_complete=True).push({"proj.weight": torch.zeros(32, 16)})
+
+
+def test_lazy_sources_chunked_and_not() -> None:
+    dst = {"a": torch.zeros(4, 4), "b": torch.zeros(3000)}
+    state = {
+        "a": Lazy((4, 4), torch.float32, lambda out: out.fill_(3.0)),
+        "b": Lazy((3000,), torch.float32, lambda out: out.copy_(torch.arange(3000.0))),
+    }
+    Refitter("local", target=dst, bucket_bytes=1024).push(state)
+    assert torch.equal(dst["a"], torch.full((4, 4), 3.0)) and torch.equal(dst["b"], torch.arange(3000.0))
+
+
+def test_torn_state_when_stream_breaks_midway() -> None:
+    dst = {f"t{i}": torch.zeros(64) for i in range(4)}
+    loader = Loader(TensorsResolver(dst), name="rx")
+    m = plan([PlanEntry(k, (64,), torch.float32) for k in dst], bucket_bytes=256)
+    assert loader.prepare(m, 5) == []
+    loader.apply(0, torch.ones(256, dtype=torch.uint8))
+    loader.abort("sender died")
+    assert loader.torn and loader.version == 0
+    with pytest.raises(refit.TornStateError, match="last committed version 0"):
+        loader.check_serving()
+    # a complete push clears it
+    Refitter("local", target=loader).push({k: torch.ones(64) for k in dst}, version=6)
+    assert not loader.torn and loader.version == 6
+    loader.check_serving()
+
+
+def test_out_of_order_bucket_is_refused() -> None:
+    dst = {"a": torch.zeros(64), "b": torch.zeros(64)}
+    loader = Loader(TensorsResolver(dst))
+    m = plan([PlanEntry(k, (64,), torch.float32) for k in dst], bucket_bytes=256)
+    loader.prepare(m, 1)
+    with pytest.raises(ResolveError, match="out of order"):
+        loader.apply(1, torch.zeros(256, dtype=torch.uint8))
+
+
+def test_unchanged_layout_reuses_the_manifest() -> None:
+    m = Tiny()
+    r = Refitter("local", target=m)
+    r.push(new_weights(m, 1))
+    first = r._last
+    r.push(new_weights(m, 2))
+    assert r._last is first
+    assert same_bits(m.state_dict()["proj.weight"], new_weights(m, 2)["proj.weight"])
+
+
+def test_unknown_transport_and_options() -> None:
+    with pytest.raises(refit.RefitError, match="unknown transport"):
+        Refitter("carrier-pigeon")
+    with pytest.raises(refit.RefitError, match="num_buffers"):
+        Refitter("local", target={}, num_buffers=0)
+    with pytest.raises(refit.RefitError, match="needs target"):
+        Refitter("local")
