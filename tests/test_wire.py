@@ -119,10 +119,31 @@ _values = st.recursive(
 
 
 @settings(max_examples=400, deadline=None)
-@given(kind=st.sampled_from(["hello", "verdict", "bucket", "ack", "finish", "done", "abort"]), fields=st.dictionaries(
-    st.sampled_from(["push_id", "version", "digest", "manifest", "num_buffers", "accept", "need_manifest", "problems", "peer", "index", "nbytes", "slot", "report", "reason", "extra"]),
-    _values,
-))
+@given(
+    kind=st.sampled_from(["hello", "verdict", "bucket", "ack", "finish", "done", "abort"]),
+    fields=st.dictionaries(
+        st.sampled_from(
+            [
+                "push_id",
+                "version",
+                "digest",
+                "manifest",
+                "num_buffers",
+                "accept",
+                "need_manifest",
+                "problems",
+                "peer",
+                "index",
+                "nbytes",
+                "slot",
+                "report",
+                "reason",
+                "extra",
+            ]
+        ),
+        _values,
+    ),
+)
 def test_fuzz_structured_messages(kind: str, fields: dict) -> None:  # type: ignore[type-arg]
     try:
         decode(msgpack.packb({"type": kind, **fields}, use_bin_type=True))

@@ -1,0 +1,457 @@
+"""Resolve HF-style names against a live vLLM model, using the model's own loading code.
+
+How a name is resolved. vLLM already knows, per model, how a checkpoint name becomes a
+parameter: its ``hf_to_vllm_mapper``, the q/k/v and gate/up stacking (kept in the mapper for
+some models, in a ``stacked_params_mapping`` inside ``load_weights`` for others), MoE expert
+mappings, KV-scale renames (``maybe_remap_kv_scale_name``), tied embeddings and PP ownership.
+Rather than re-deriving any of that in tables (which drift with every vLLM release), the
+resolver *probes*: it swaps a shadow of the model into place whose tensors are meta tensors
+in checkpoint ("model") format and whose ``weight_loader`` s record each call, then runs the
+model's own ``load_weights`` on one meta tensor of the pushed shape. Each recorded call names a
+target parameter, its shard id / expert id, and how many elements the loader wrote (running
+the real loader on meta tensors also runs its shape checks). No byte of the model is read or
+written, and the shadow is swapped out again before ``resolve`` returns.
+
+Classification:
+
+* LOCAL: the probe reached at least one weight loader without error. Loading later goes
+  through ``model.load_weights`` for that one name, so what is loaded is what was probed.
+* REMOTE: the name (after the model's mapper) lies under a ``PPMissingLayer`` of this stage
+  and the same name with a locally present sibling layer index probes fine (so a misspelled
+  name under a remote layer is still refused here).
+* UNKNOWN: anything else, with the reason (the probe's error, or "no loader took it").
+
+Two vLLM behaviours are handled on top:
+
+* An unquantized KV cache has 0-d ``attn._k_scale`` / ``_v_scale`` buffers and no ``k_scale``
+  parameter, so vLLM's remap drops a pushed ``self_attn.k_scale`` with only a warning. Here it
+  resolves to that buffer; the value is kept and re-written (buffer, ``_k_scale_float``,
+  ``_k_scale_cpu``) after every post-load step, because vLLM resets those to 1.0 when the
+  cache is not quantized.
+* ModelOpt amax names (``k_bmm_quantizer._amax``, ``input_quantizer._amax``,
+  ``weight_quantizer._amax``) are renamed to the scale vLLM loads (``k_scale``,
+  ``input_scale``, ``weight_scale``) with ``scale = amax / 448`` (float8_e4m3fn max). Where a
+  fused layer keeps one scale for several shards, vLLM's own post-load step merges the shard
+  scales with max; nothing is merged here.
+
+Why layer-wise reload: the CPU backend repacks linear weights into kernel formats (in float32
+the parameters become empty ``[0]`` tensors), and quantization methods do the same on GPU, so a
+direct copy into live parameters is wrong. vLLM's layer-wise reload restores each layer to
+checkpoint format, loads it, and re-runs its post-load processing once the layer is complete.
+It re-materializes a layer from uninitialized memory, so a push that covers only part of a
+layer (e.g. ``q_proj`` without ``k_proj``) would leave garbage in the rest; :meth:`check_push`
+refuses such pushes before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from vllm.model_executor.layers.attention import is_deferred_attention_layer
+from vllm.model_executor.model_loader import reload as vllm_reload
+from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+from vllm.model_executor.model_loader.reload.meta import SKIP_LOAD_TENSORS
+from vllm.model_executor.model_loader.reload.sanitize import restore_layer_refs
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader, maybe_remap_kv_scale_name
+from vllm.model_executor.models.utils import PPMissingLayer, get_pp_missing_layer_names
+
+from refit.errors import ResolveError
+from refit.load import Loader
+from refit.meta import Manifest
+from refit.meta import TensorMeta
+from refit.resolve import Placement, Resolution
+
+FP8_E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
+KV_SCALE_SUFFIXES = (".k_scale", ".v_scale", ".q_scale", ".kv_scale", ".k_cache.scale", ".v_cache.scale")
+# ModelOpt quantizer state (as a QAT trainer holds it) -> the scale name vLLM loads.
+MODELOPT_AMAX = (
+    (re.compile(r"\.([kv])_bmm_quantizer\._amax$"), r".\1_scale"),
+    (re.compile(r"\.input_quantizer\._amax$"), ".input_scale"),
+    (re.compile(r"\.weight_quantizer\._amax$"), ".weight_scale"),
+)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One weight-loader call the probe recorded."""
+
+    module: str  # qualified name of the module that owns the target tensor
+    attr: str  # the tensor's attribute name on that module
+    shard: str  # shard / expert ids the loader was called with ("" if none)
+    numel: int  # elements the loader wrote
+
+    @property
+    def key(self) -> str:
+        return f"{self.module}.{self.attr}" + (f"[{self.shard}]" if self.shard else "")
+
+
+@dataclass
+class _Probe:
+    hits: list[Hit] = field(default_factory=list)
+    error: str = ""
+
+
+class _CopyCount(TorchDispatchMode):
+    """Counts elements written by ``copy_`` (how much of a parameter a loader call fills)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.ops.aten.copy_.default:
+            self.numel += args[0].numel()
+        return func(*args, **(kwargs or {}))
+
+
+def _meta_like(t: torch.Tensor) -> torch.Tensor:
+    """A meta tensor with ``t``'s shape, strides, class and attributes (weight_loader etc.)."""
+    m = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="meta")
+    m.__class__ = t.__class__
+    m.__dict__ = dict(t.__dict__)
+    return m
+
+
+def _shard_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """Printable shard / expert ids of a loader call (everything but the two tensors)."""
+    parts = [repr(a) for a in args[2:] if not isinstance(a, torch.Tensor)]
+    parts += [f"{k}={v!r}" for k, v in sorted(kwargs.items()) if not isinstance(v, torch.Tensor) and k != "return_success"]
+    return ",".join(parts)
+
+
+class _Shadow:
+    """Checkpoint-format meta view of a model whose loaders record instead of load."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.hits: list[Hit] = []
+        self.tensors: dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
+        for qual, mod in model.named_modules(remove_duplicate=False):
+            if id(mod) in self.tensors:
+                continue
+            params, buffers = self._model_format(mod)
+            for attr, t in {**params, **buffers}.items():
+                self._record(qual, attr, t, mod)
+            self.tensors[id(mod)] = (params, buffers)
+
+    @staticmethod
+    def _model_format(mod: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        # vLLM recorded each layer's checkpoint-format tensors (as meta tensors) when it built
+        # the model; live tensors may since have been repacked (CPU: empty [0] weights) or
+        # deleted (consumed k_scale parameters). Tensors created later are taken live.
+        live_p = {n: p for n, p in mod._parameters.items() if p is not None}
+        live_b = {n: b for n, b in mod._buffers.items() if b is not None}
+        rec_p, rec_b = get_layerwise_info(mod).restore_metadata
+        params = {n: _meta_like(t) for n, t in {**live_p, **rec_p}.items()}
+        buffers = {n: _meta_like(t) for n, t in {**live_b, **rec_b}.items()}
+        for t in (*params.values(), *buffers.values()):
+            restore_layer_refs(t, mod)  # re-bind loaders vLLM detached from the layer
+        return params, buffers
+
+    def _record(self, qual: str, attr: str, t: torch.Tensor, mod: torch.nn.Module) -> None:
+        original: Callable[..., Any] = getattr(t, "weight_loader", None) or default_weight_loader
+        while getattr(original, "__name__", "") == "online_process_loader":  # a reload's wrapper
+            original = original.__wrapped__  # type: ignore[attr-defined]
+        hits = self.hits
+
+        def recording_loader(*args: Any, **kwargs: Any) -> Any:
+            with _CopyCount() as count:
+                ret = original(*args, **kwargs)
+            cap = getattr(t, "weight_loader_numel", t.numel())
+            hits.append(Hit(qual, attr, _shard_of(args, kwargs), min(count.numel, cap)))
+            return ret
+
+        try:
+            t.weight_loader = recording_loader  # type: ignore[attr-defined]
+        except AttributeError:  # a parameter class with a read-only loader property
+            t._weight_loader = recording_loader  # type: ignore[attr-defined]
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Swap the shadow in (whole ``_parameters`` / ``_buffers`` dicts), then back."""
+        saved = []
+        for mod in self.model.modules():
+            shadow = self.tensors.get(id(mod))
+            if shadow is None:
+                continue
+            saved.append((mod, mod._parameters, mod._buffers))
+            mod._parameters, mod._buffers = dict(shadow[0]), dict(shadow[1])  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            for mod, p, b in saved:
+                mod._parameters, mod._buffers = p, b
+
+    def layer_size(self, module: str) -> int:
+        """Elements vLLM's layer-wise reload waits for before it processes ``module``."""
+        mod = self.model.get_submodule(module)
+        params, buffers = self.tensors[id(mod)]
+        return sum(getattr(t, "weight_loader_numel", t.numel()) for n, t in {**params, **buffers}.items() if n not in SKIP_LOAD_TENSORS)
+
+
+class VllmResolver:
+    """Resolver (see :class:`refit.resolve.Resolver`) for a vLLM model inside its worker.
+
+    Args:
+        model: the worker's model (``worker.model_runner.model``).
+        vllm_config: the worker's ``VllmConfig`` (its ``model_config`` drives post-load steps).
+
+    Raises:
+        ResolveError: from :meth:`resolve` never (problems are returned in the Resolution);
+            from a ``load`` callable if vLLM loaded nothing for a name the probe accepted.
+    """
+
+    def __init__(self, model: torch.nn.Module, vllm_config: Any) -> None:
+        self.model = model
+        self.vllm_config = vllm_config
+        self._shadow = _Shadow(model)
+        self._cache: dict[tuple[str, tuple[int, ...], torch.dtype], tuple[Resolution, list[Hit]]] = {}
+        self._hits_by_key: dict[str, list[Hit]] = {}
+        self._kv_values: dict[tuple[str, str], torch.Tensor] = {}  # (attention module, "_k_scale") -> value
+        self._reloading = False
+        self._missing = get_pp_missing_layer_names(model)
+        named = list(model.named_parameters(remove_duplicate=False))
+        first: dict[int, str] = {}
+        self._aliases = {n: first.setdefault(id(p), n) for n, p in named if first.get(id(p), n) != n}
+
+    # ---------------------------------------------------------------- resolution
+
+    def resolve(self, meta: TensorMeta) -> Resolution:
+        """Classify one manifest entry (cached per name, shape and dtype)."""
+        ck = (meta.name, meta.shape, meta.dtype)
+        if ck not in self._cache:
+            self._cache[ck] = self._resolve(meta.name, meta.shape, meta.dtype)
+            res, hits = self._cache[ck]
+            self._hits_by_key[res.key] = hits
+        return self._cache[ck][0]
+
+    def _resolve(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Resolution, list[Hit]]:
+        for pattern, repl in MODELOPT_AMAX:
+            if pattern.search(name):
+                return self._resolve_amax(name, pattern.sub(repl, name), shape, dtype)
+        probe = self._probe(name, shape, dtype)
+        if probe.hits and not probe.error:
+            problem = self._dtype_problem(name, dtype, probe.hits)
+            key = "+".join(h.key for h in probe.hits)
+            return Resolution(Placement.LOCAL, load=self._loader(name), key=key, problem=problem), probe.hits
+        if name.endswith(KV_SCALE_SUFFIXES):
+            kv = self._resolve_kv_buffer(name, shape, dtype)
+            if kv is not None:
+                return kv, []
+        remote = self._remote(name, shape, dtype)
+        if remote is not None:
+            return remote, []
+        if probe.error:
+            return Resolution(Placement.UNKNOWN, key=name, problem=f"{name}: {probe.error}"), []
+        if name in self._aliases:
+            canonical = self._probe(self._aliases[name], shape, dtype)
+            if canonical.hits and not canonical.error:
+                # A tied alias (lm_head.weight of a tied model): vLLM skips it on load, and so
+                # do we; the canonical name carries the value.
+                return Resolution(Placement.LOCAL, load=lambda t: None, key=name), []
+        return Resolution(Placement.UNKNOWN, key=name, problem=f"{name}: no parameter of this model takes it{self._suggest(name)}"), []
+
+    def _probe(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> _Probe:
+        self._shadow.hits.clear()
+        probe = _Probe()
+        try:
+            with self._context(), self._shadow.active(), torch.no_grad():
+                self.model.load_weights([(name, torch.empty(shape, dtype=dtype, device="meta"))])  # type: ignore[operator]
+        except Exception as exc:  # a model's load_weights signals unknown names in many ways
+            detail = str(exc).splitlines()[0][:300] if str(exc).strip() else "rejected by the model's weight loader"
+            probe.error = f"shape {list(shape)} / {dtype}: {type(exc).__name__}: {detail}"
+        probe.hits = list(self._shadow.hits)
+        return probe
+
+    def _dtype_problem(self, name: str, dtype: torch.dtype, hits: list[Hit]) -> str:
+        for h in hits:
+            mod = self.model.get_submodule(h.module)
+            params, buffers = self._shadow.tensors[id(mod)]
+            target = {**params, **buffers}[h.attr]
+            if target.dtype != dtype:
+                return f"{name}: dtype {dtype} does not match {h.module}.{h.attr} {target.dtype}; convert it on the sender"
+        return ""
+
+    def _remote(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Resolution | None:
+        if not self._missing:
+            return None
+        mapped = self._vllm_name(name)
+        prefix = next((p for p in self._missing if mapped == p or mapped.startswith(p + ".")), None)
+        if prefix is None:
+            return None
+        m = re.fullmatch(r"(.*\.)?(\w+)\.(\d+)", prefix)
+        if m is None:
+            # A missing module with no local sibling (embed_tokens, norm, lm_head on the
+            # stages that lack them): only the module path can be checked here.
+            return Resolution(Placement.REMOTE, key=name)
+        parent, index = f"{m.group(1) or ''}{m.group(2)}", m.group(3)
+        container = self.model.get_submodule(parent)
+        siblings = [n for n, c in container.named_children() if n.isdigit() and not isinstance(c, PPMissingLayer)]
+        token = f"{m.group(2)}.{index}."
+        for sibling in siblings:
+            if token in name:
+                probe = self._probe(name.replace(token, f"{m.group(2)}.{sibling}.", 1), shape, dtype)
+                if probe.hits and not probe.error:
+                    return Resolution(Placement.REMOTE, key=name)
+        if not siblings:
+            return Resolution(Placement.REMOTE, key=name)
+        return Resolution(
+            Placement.UNKNOWN,
+            key=name,
+            problem=f"{name}: owned by another pipeline stage, but no layer of this model takes that name (checked on a local {m.group(2)} layer)",
+        )
+
+    def _vllm_name(self, name: str) -> str:
+        mapper = getattr(self.model, "hf_to_vllm_mapper", None)
+        if mapper is not None:
+            mapped = mapper.map_name(name)
+            return mapped if mapped is not None else name
+        return name
+
+    def _resolve_kv_buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Resolution | None:
+        # Unquantized KV cache: the scale lives in a 0-d `_k_scale` buffer of the attention
+        # module. vLLM's own remap decides which module a checkpoint name belongs to.
+        candidates = {}
+        for qual, mod in self.model.named_modules():
+            for x in ("k", "v", "q"):
+                if isinstance(mod._buffers.get(f"_{x}_scale"), torch.Tensor) and f"{x}_scale" not in mod._parameters:
+                    candidates[f"{qual}.{x}_scale"] = (qual, f"_{x}_scale")
+        target = maybe_remap_kv_scale_name(name.replace(".kv_scale", ".k_scale"), candidates)
+        if target is None or target not in candidates:
+            return None
+        module, attr = candidates[target]
+        key = f"{module}.{attr}"
+        if tuple(shape) not in ((), (1,)):
+            return Resolution(Placement.LOCAL, key=key, problem=f"{name}: KV-cache scale must be 0-d or [1], got {list(shape)}")
+        if dtype != torch.float32:
+            return Resolution(Placement.LOCAL, key=key, problem=f"{name}: dtype {dtype} does not match {key} torch.float32; convert it on the sender")
+
+        def keep(t: torch.Tensor) -> None:
+            self._kv_values[(module, attr)] = t.detach().reshape(()).clone()
+
+        return Resolution(Placement.LOCAL, load=keep, key=key)
+
+    def _resolve_amax(self, name: str, scale_name: str, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Resolution, list[Hit]]:
+        res, hits = self._resolve(scale_name, shape, dtype)
+        if res.placement is not Placement.LOCAL or res.problem or res.load is None:
+            problem = res.problem.replace(scale_name, f"{name} (as {scale_name})") if res.problem else ""
+            return Resolution(res.placement, key=res.key or name, problem=problem), hits
+        inner = res.load
+
+        def load_amax(t: torch.Tensor) -> None:
+            inner((t.float() / FP8_E4M3_MAX).to(t.dtype))
+
+        return Resolution(Placement.LOCAL, load=load_amax, key=res.key), hits
+
+    def _suggest(self, name: str) -> str:
+        from refit.resolve import suggest
+
+        names = [n for n, _ in self.model.named_parameters()] + [n for n, _ in self.model.named_buffers()]
+        return suggest(self._vllm_name(name), names)
+
+    # ---------------------------------------------------------------- checks before loading
+
+    def check_push(self, resolutions: list[Resolution]) -> list[str]:
+        """Problems of a whole accepted push: layers it would load only partly.
+
+        Layer-wise reload rebuilds a layer from uninitialized memory once it started loading
+        it, so every loadable element of a touched layer must be in the push. Attention layers
+        are exempt: vLLM rebuilds their scales from sentinels and applies its own rules for
+        missing ones (a lone ``k_scale`` is duplicated to ``v_scale``).
+        """
+        filled: dict[str, int] = {}
+        for res in resolutions:
+            for h in self._hits_by_key.get(res.key, []):
+                filled[h.module] = filled.get(h.module, 0) + h.numel
+        problems = []
+        for module, n in sorted(filled.items()):
+            if is_deferred_attention_layer(self.model.get_submodule(module)):
+                continue
+            total = self._shadow.layer_size(module)
+            if n < total:
+                have = sorted({h.key for r in resolutions for h in self._hits_by_key.get(r.key, []) if h.module == module})
+                problems.append(
+                    f"{module}: the push fills {n} of its {total} elements ({', '.join(have)}); vLLM reloads "
+                    "whole layers, so push every tensor of this layer (all of q/k/v, gate/up, weight and bias) or none"
+                )
+        return problems
+
+    def required_keys(self) -> set[str]:
+        """Not enumerable without the checkpoint's names; completeness is checked per layer."""
+        return set()
+
+    # ---------------------------------------------------------------- loading
+
+    def _loader(self, name: str) -> Callable[[torch.Tensor], None]:
+        def load(t: torch.Tensor) -> None:
+            self._begin_reload()
+            # The online loaders of layer-wise reload keep the tensor until the whole layer
+            # arrived, which may be after this bucket's memory is reused: give them a copy.
+            with self._context(), torch.no_grad():
+                loaded = self.model.load_weights([(name, t.clone())])  # type: ignore[operator]
+            if loaded is not None and not loaded:
+                raise ResolveError(f"{name}: vLLM loaded nothing for a name it accepted when probed; the engine is torn")
+
+        return load
+
+    def _begin_reload(self) -> None:
+        if not self._reloading:
+            vllm_reload.initialize_layerwise_reload(self.model)
+            self._reloading = True
+
+    def post_load(self) -> None:
+        """Finish layer-wise reload (runs the quantization / repacking post-load steps), then
+        re-apply pushed KV-cache scales vLLM resets to 1.0 for unquantized caches."""
+        if self._reloading:
+            self._reloading = False
+            with self._context():
+                vllm_reload.finalize_layerwise_reload(self.model, self.vllm_config.model_config)
+        for (module, attr), value in self._kv_values.items():
+            mod = self.model.get_submodule(module)
+            getattr(mod, attr).copy_(value)
+            if hasattr(mod, f"{attr}_float"):
+                setattr(mod, f"{attr}_float", float(value))
+            if hasattr(mod, f"{attr}_cpu"):
+                setattr(mod, f"{attr}_cpu", value.detach().to("cpu").clone())
+
+    def abandon(self) -> None:
+        """A push broke: put back every layer not yet loaded (the engine stays torn)."""
+        if self._reloading:
+            self._reloading = False
+            with self._context():
+                vllm_reload.finalize_layerwise_reload(self.model, self.vllm_config.model_config)
+
+    def _context(self) -> Any:
+        if self.vllm_config is None:
+            return nullcontext()
+        from vllm.config import set_current_vllm_config
+
+        return set_current_vllm_config(self.vllm_config)
+
+
+class VllmLoader(Loader):
+    """A :class:`~refit.load.Loader` that also runs :meth:`VllmResolver.check_push` on the
+    whole accepted push, and tells the resolver when a push is abandoned (so layers waiting
+    in layer-wise reload are put back)."""
+
+    resolver: VllmResolver
+
+    def prepare(self, manifest: Manifest, version: int) -> list[str]:
+        problems = super().prepare(manifest, version)
+        if problems or self._push is None:
+            return problems
+        local = [r for bucket in self._push.plan for m, r in bucket if r.placement is Placement.LOCAL and m.chunk == 0]
+        problems = self.resolver.check_push(local)
+        if problems:
+            self._push = None  # nothing was loaded: refuse like any other resolve problem
+        return sorted(problems)
+
+    def abort(self, reason: str) -> None:
+        super().abort(reason)
+        self.resolver.abandon()

@@ -1,0 +1,275 @@
+"""The zmq transport between real processes: data, fan-out, refusals, failures, leaks, garbage."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+
+from refit import Lazy, Refitter, ResolveError, TransportError
+from refit.meta import Role, dtype_name
+from refit.plan import PlanEntry, plan
+from refit.transports.base import stream
+from tests import procs
+from tests.conftest import random_tensor
+
+pytestmark = pytest.mark.integration
+CTX = mp.get_context("spawn")
+
+
+def mixed_state(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    state = {
+        "embed.weight": random_tensor((64, 32), torch.bfloat16, g),
+        "layers.0.qkv.weight": random_tensor((96, 32), torch.float8_e4m3fn, g),
+        "layers.0.o.weight": random_tensor((32, 32), torch.float16, g),
+        "layers.0.norm.weight": random_tensor((32,), torch.float32, g),
+        "big.weight": random_tensor((3000,), torch.float32, g),  # 12 kB: chunked over 4 kB buckets
+        "steps": random_tensor((), torch.int64, g),
+        "mask": random_tensor((5,), torch.bool, g),
+        "empty": random_tensor((0, 4), torch.float16, g),
+    }
+    scales = {
+        "layers.0.qkv.weight_scale": torch.tensor(0.5, dtype=torch.float32),
+        "layers.0.attn.k_scale": torch.tensor(0.125, dtype=torch.bfloat16),
+        "layers.0.attn.v_scale": torch.tensor(2.0, dtype=torch.float32),
+        "layers.0.o.input_amax": torch.rand(4) + 0.1,
+    }
+    return state, scales
+
+
+def spec_of(*dicts: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], str]]:
+    return {k: (tuple(v.shape), dtype_name(v.dtype)) for d in dicts for k, v in d.items()}
+
+
+class Rx:
+    """A receiver process and its queues."""
+
+    def __init__(self, spec: dict[str, Any], **kw: Any) -> None:
+        self.out, self.control = CTX.Queue(), CTX.Queue()
+        self.proc = CTX.Process(target=procs.zmq_receiver, args=(spec, self.out, self.control), kwargs=kw, daemon=True)
+        self.proc.start()
+        self.info = self.get("info")[1]
+
+    def get(self, kind: str, timeout: float = 60) -> tuple[Any, ...]:
+        msg = self.out.get(timeout=timeout)
+        if msg[0] == "crash":
+            raise AssertionError(msg[1])
+        assert msg[0] == kind, msg
+        return msg
+
+    def final(self) -> tuple[Any, ...]:
+        while True:
+            msg = self.out.get(timeout=120)
+            if msg[0] == "crash":
+                raise AssertionError(msg[1])
+            if msg[0] == "final":
+                self.control.put("bye")
+                return msg
+
+    def stop(self) -> None:
+        self.control.put("bye")
+        self.proc.join(timeout=10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(timeout=5)
+
+
+@contextmanager
+def receivers(spec: dict[str, Any], n: int = 1, **kw: Any) -> Iterator[list[Rx]]:
+    rxs = [Rx(spec, name=f"rx{i}", **kw) for i in range(n)]
+    try:
+        yield rxs
+    finally:
+        for r in rxs:
+            r.stop()
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "ipc"])
+def test_two_process_push_bit_exact(scheme: str, tmp_path: Any) -> None:
+    state, scales = mixed_state()
+    address = "tcp://127.0.0.1:*" if scheme == "tcp" else f"ipc://{tmp_path}/rx.sock"
+    with receivers(spec_of(state, scales), address=address) as [rx]:
+        if scheme == "ipc":
+            assert oct(os.stat(f"{tmp_path}/rx.sock").st_mode & 0o777) == "0o600"
+        with Refitter("zmq", peers=[rx.info["address"]], bucket_bytes=4096, timeout=20) as r:
+            rep = r.push(state, scales, version=7)
+        _, report = rx.get("report")
+        digests, version, torn, _ = rx.final()[1:]
+    assert digests == procs.digests({**state, **scales})
+    assert (version, torn) == (7, False)
+    assert report["loaded"] == len(state) + len(scales) and rep.receivers[0].peer == "rx0"
+
+
+def test_fan_out_to_three_receivers() -> None:
+    state, scales = mixed_state(1)
+    with receivers(spec_of(state, scales), n=3, pushes=2) as rxs:
+        with Refitter("zmq", peers=[r.info["address"] for r in rxs], bucket_bytes=4096, timeout=20) as r:
+            r.push(state, scales)
+            state2, scales2 = mixed_state(2)
+            rep = r.push(state2, scales2)
+        assert len(rep.receivers) == 3
+        for rx in rxs:
+            digests, version, torn, _ = rx.final()[1:]
+            assert digests == procs.digests({**state2, **scales2}) and version == 2 and not torn
+
+
+def test_one_gib_push() -> None:
+    n = 16
+    state = {f"w{i}": torch.full((2**24,), float(i + 1), dtype=torch.float32) for i in range(n)}  # 16 x 64 MiB
+    spec = {k: ((2**24,), "float32") for k in state}
+    with receivers(spec, timeout=120) as [rx]:
+        with Refitter("zmq", peers=[rx.info["address"]], bucket_bytes=128 << 20, timeout=120) as r:
+            rep = r.push(state)
+        assert rep.bytes == 1 << 30
+        digests = rx.final()[1]
+    assert digests == procs.digests(state)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expect"),
+    [
+        (lambda s, c: s.update({"embed.wieght": s.pop("embed.weight")}), "embed.wieght: no such parameter"),
+        (lambda s, c: s.update({"layers.0.o.weight": torch.zeros(32, 31, dtype=torch.float16)}), "shape [32, 31]"),
+        (lambda s, c: s.update({"layers.0.norm.weight": torch.zeros(32, dtype=torch.float64)}), "dtype torch.float64"),
+        (lambda s, c: c.update({"layers.0.attn.q_scale": torch.tensor(1.0)}), "layers.0.attn.q_scale: no such"),
+    ],
+)
+def test_refusals_leave_target_untouched(mutate: Any, expect: str) -> None:
+    state, scales = mixed_state()
+    spec = spec_of(state, scales)
+    mutate(state, scales)
+    with receivers(spec) as [rx]:
+        with Refitter("zmq", peers=[rx.info["address"]], bucket_bytes=4096, timeout=20) as r, pytest.raises(ResolveError) as err:
+            r.push(state, scales)
+        assert expect in str(err.value) and "[rx0]" in str(err.value)
+        kind, name, text, torn, version = rx.get("error")
+        assert name == "ResolveError" and expect in text and not torn and version == 0
+        assert rx.final()[1] == procs.digests(procs.make_target(spec))
+
+
+def test_require_complete_refuses_partial_push() -> None:
+    state, scales = mixed_state()
+    spec = spec_of(state, scales)
+    del state["embed.weight"]
+    with receivers(spec, require_complete=True) as [rx]:
+        with Refitter("zmq", peers=[rx.info["address"]], timeout=20) as r, pytest.raises(ResolveError, match="embed.weight: missing"):
+            r.push(state, scales)
+        assert rx.final()[1] == procs.digests(procs.make_target(spec))
+
+
+def test_receiver_checks_scales_too() -> None:
+    """A sender that skips validation (or corrupts data) is still refused by the receiver."""
+    spec = {"k_scale": ((), "float32"), "w": ((8,), "float32")}
+    with receivers(spec) as [rx]:
+        from refit.transports.zmq import ZmqSender
+
+        sender = ZmqSender([rx.info["address"]], timeout=10)
+        m = plan([PlanEntry("k_scale", (), torch.float32, Role.SCALE), PlanEntry("w", (8,), torch.float32)], bucket_bytes=1024)
+        sender.handshake(m, 1)
+        with pytest.raises(TransportError, match="non-finite"):
+            stream(sender, m, {"k_scale": torch.tensor(float("nan")), "w": torch.ones(8)}, num_buffers=2)
+            sender.finish()
+        sender.close()
+        assert rx.get("error")[3] is False  # not torn: refused before applying
+        assert rx.final()[1] == procs.digests(procs.make_target(spec))
+
+
+def _slow_sender(address: str, out: Any) -> None:
+    def stall(t: torch.Tensor) -> None:
+        out.put("stalled")
+        time.sleep(600)
+
+    state: dict[str, Any] = {f"w{i}": torch.ones(1024) for i in range(4)}
+    state["w4"] = Lazy((1024,), torch.float32, stall)
+    Refitter("zmq", peers=[address], bucket_bytes=4096, num_buffers=1, timeout=60).push(state)
+
+
+def test_sender_killed_mid_stream_leaves_receiver_torn() -> None:
+    spec = {f"w{i}": ((1024,), "float32") for i in range(5)}
+    with receivers(spec, timeout=3, pushes=2) as [rx]:
+        out = CTX.Queue()
+        sender = CTX.Process(target=_slow_sender, args=(rx.info["address"], out), daemon=True)
+        sender.start()
+        assert out.get(timeout=60) == "stalled"
+        time.sleep(0.5)
+        os.kill(sender.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        sender.join(timeout=10)
+        t0 = time.monotonic()
+        kind, name, text, torn, version = rx.get("error", timeout=30)
+        assert name == "TransportError" and "went silent" in text and "phase buckets" in text
+        assert torn and version == 0 and time.monotonic() - t0 < 10
+        # the receiver keeps serving: a complete push clears the torn state
+        state = {f"w{i}": torch.full((1024,), 2.0) for i in range(5)}
+        with Refitter("zmq", peers=[rx.info["address"]], bucket_bytes=4096, timeout=20) as r:
+            r.push(state, version=9)
+        digests, version, torn, _ = rx.final()[1:]
+        assert digests == procs.digests(state) and version == 9 and not torn
+
+
+def test_receiver_killed_sender_times_out() -> None:
+    spec = {f"w{i}": ((1024,), "float32") for i in range(6)}
+    with receivers(spec, timeout=60) as [rx]:
+        pid = rx.proc.pid
+
+        def kill(t: torch.Tensor) -> None:
+            os.kill(pid, signal.SIGKILL)  # type: ignore[arg-type]
+            rx.proc.join(timeout=10)
+            t.fill_(1.0)
+
+        state: dict[str, Any] = {f"w{i}": torch.ones(1024) for i in range(6)}
+        state["w2"] = Lazy((1024,), torch.float32, kill)
+        t0 = time.monotonic()
+        with Refitter("zmq", peers=[rx.info["address"]], bucket_bytes=4096, num_buffers=1, timeout=2) as r:
+            with pytest.raises(TransportError, match=r"did not answer within 2 s \(phase buckets, bucket \d\)"):
+                r.push(state)
+        assert time.monotonic() - t0 < 15
+
+
+def test_two_hundred_pushes_no_leaks() -> None:
+    state, scales = mixed_state()
+    with receivers(spec_of(state, scales), pushes=200) as [rx]:
+        fds0 = procs.open_fds()
+        with Refitter("zmq", peers=[rx.info["address"]], bucket_bytes=4096, timeout=20) as r:
+            for i in range(200):
+                state["steps"] = torch.tensor(i)
+                r.push(state, scales)
+                if i == 20:
+                    fds20, rss20 = procs.open_fds(), procs.rss_mb()
+            fds_end, rss_end = procs.open_fds(), procs.rss_mb()
+        digests, version, torn, stats = rx.final()[1:]
+    assert digests == procs.digests({**state, **scales}) and version == 200
+    assert fds_end == fds20 and fds20 - fds0 <= 8, (fds0, fds20, fds_end)
+    assert rss_end - rss20 < 30, (rss20, rss_end)
+    assert stats[-1][0] == stats[20][0], "receiver file descriptors grew"
+    assert stats[-1][1] - stats[20][1] < 30, "receiver memory grew"
+
+
+def test_garbage_frames_are_wire_errors_and_receiver_keeps_serving() -> None:
+    import msgpack
+    import zmq
+
+    spec = {"w": ((8,), "float32")}
+    with receivers(spec, pushes=4) as [rx]:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(rx.info["address"])
+        sock.send(b"\xc1\x00garbage")
+        assert rx.get("error")[1] == "WireError"
+        sock.send(msgpack.packb({"type": "hello", "push_id": 1, "version": 1}))  # truncated: fields missing
+        assert rx.get("error")[1] == "WireError"
+        sock.send_multipart([b""])
+        assert rx.get("error")[1] == "WireError"
+        sock.close()
+        state = {"w": torch.arange(8.0)}
+        with Refitter("zmq", peers=[rx.info["address"]], timeout=20) as r:
+            r.push(state)
+        rx.get("report")
+        assert rx.final()[1] == procs.digests(state)
