@@ -1,0 +1,257 @@
+"""vLLM adapter: a worker extension that receives pushes, and an engine handle that drives it.
+
+Engine side: start vLLM with ``worker_extension_cls="refit.adapters.vllm.RefitWorkerExtension"``.
+Every worker then answers ``collective_rpc("refit_open" | "refit_receive" | ...)``: it builds a
+:class:`~refit.adapters.vllm_resolve.VllmResolver` over its own model shard (its TP slice, its
+PP stage), a strict loader, and the receiving half of the chosen transport.
+
+Trainer side, in the same process as an offline ``vllm.LLM``::
+
+    engine = VllmEngine(llm)
+    with Refitter("zmq", engine=engine) as refitter:
+        refitter.push(model.state_dict(), scales)
+
+Why this shape: ``collective_rpc`` is vLLM's supported way to run code in every worker, but it
+moves control messages, not bulk data (tensor arguments arrive as lists), so the bytes go over
+the transport and the RPC only carries addresses and reports. Every extension method catches
+its exceptions and returns them as plain values: an exception raised inside a multi-worker RPC
+was seen to put later replies out of step. The handle turns them back into refit errors
+naming the worker. Rejected: loading through ``LLM.reload_weights``-style per-tensor RPCs (one
+round trip per tensor, no strict resolution before loading).
+
+Nothing is paused: a push runs inside one RPC, so a worker does not step the model while it
+loads, but requests in flight see new weights from their next step on. Pause around a push
+with the engine's own API (see docs/vllm.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from refit.errors import RefitError, ResolveError, TransportError, problem_list
+from refit.report import RefitReport
+from refit.transports.base import ReceiverTransport, load_transport
+
+EXTENSION = "refit.adapters.vllm.RefitWorkerExtension"
+
+
+def _error(exc: BaseException, worker: str) -> dict[str, Any]:
+    kind = type(exc).__name__ if isinstance(exc, RefitError) else "TransportError"
+    problems = [str(p) for p in getattr(exc, "problems", [])]
+    return {"error": {"kind": kind, "message": f"{type(exc).__name__}: {exc}", "problems": problems, "worker": worker}}
+
+
+class RefitWorkerExtension:
+    """Mixed into vLLM's worker class by ``worker_extension_cls``.
+
+    Every method returns plain values: ``{"error": {...}}`` on failure (never raises), so
+    replies of multi-worker RPCs stay in step.
+    """
+
+    # -- set up
+
+    def _refit_name(self) -> str:
+        return f"vllm-worker-{getattr(self, 'rank', 0)}"
+
+    def _refit_loader(self) -> Any:
+        loader = getattr(self, "_refit_loader_obj", None)
+        if loader is None:
+            from refit.adapters.vllm_resolve import VllmLoader, VllmResolver
+
+            model = self.model_runner.get_model()  # type: ignore[attr-defined]
+            resolver = VllmResolver(model, self.vllm_config)  # type: ignore[attr-defined]
+            loader = VllmLoader(resolver, name=self._refit_name())
+            self._refit_loader_obj = loader
+        return loader
+
+    def refit_open(self, transport: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Join ``transport`` as a receiver; returns ``{"info": receiver.info()}``."""
+        try:
+            self.refit_close()
+            module = load_transport(transport)
+            opts = dict(options or {})
+            rx: ReceiverTransport = module.Receiver(name=self._refit_name(), **opts)  # type: ignore[attr-defined]
+            self._refit_rx = rx
+            self._refit_loader()
+            return {"info": rx.info()}
+        except BaseException as exc:
+            return _error(exc, self._refit_name())
+
+    def refit_receive(self, timeout: float | None) -> dict[str, Any]:
+        """Serve one push; returns ``{"report": RefitReport.to_wire() or None}``."""
+        try:
+            rx = getattr(self, "_refit_rx", None)
+            if rx is None:
+                raise TransportError(f"{self._refit_name()}: no transport joined; call refit_open first")
+            report = rx.receive(self._refit_loader(), timeout)
+            return {"report": None if report is None else report.to_wire()}
+        except BaseException as exc:
+            return _error(exc, self._refit_name())
+
+    def refit_apply(self, manifest: dict[str, Any], buckets: list[bytes], version: int) -> dict[str, Any]:
+        """Apply a whole push carried inside the RPC (small pushes, tests, no transport).
+
+        Args:
+            manifest: ``refit.wire.manifest_to_wire`` form.
+            buckets: each bucket's bytes, in order.
+            version: the version to commit.
+        """
+        try:
+            from refit.wire import manifest_from_wire
+
+            m = manifest_from_wire(manifest)
+            loader = self._refit_loader()
+            problems = loader.prepare(m, version)
+            if problems:
+                raise ResolveError(f"{loader.name} refused the push; nothing was loaded:\n" + problem_list(problems), problems)
+            if len(buckets) != m.num_buckets:
+                loader.abort("bucket count")
+                raise TransportError(f"{loader.name}: got {len(buckets)} buckets, manifest has {m.num_buckets}")
+            for i, data in enumerate(buckets):
+                loader.apply(i, torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8))
+            return {"report": loader.finish().to_wire()}
+        except BaseException as exc:
+            return _error(exc, self._refit_name())
+
+    def refit_close(self) -> dict[str, Any]:
+        rx = getattr(self, "_refit_rx", None)
+        self._refit_rx = None
+        if rx is not None:
+            try:
+                rx.close()
+            except BaseException as exc:
+                return _error(exc, self._refit_name())
+        return {}
+
+    # -- inspection (tests, debugging): plain values only
+
+    def refit_read(self, names: list[str]) -> dict[str, Any]:
+        """Raw bytes, dtype and shape of model tensors / attributes by qualified name."""
+        try:
+            model = self.model_runner.get_model()  # type: ignore[attr-defined]
+            out: dict[str, Any] = {}
+            for name in names:
+                mod_name, _, attr = name.rpartition(".")
+                value = getattr(model.get_submodule(mod_name), attr)
+                if isinstance(value, torch.Tensor):
+                    t = value.detach().cpu().contiguous()
+                    out[name] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "data": t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""}
+                else:
+                    out[name] = {"value": value}
+            return {"tensors": out}
+        except BaseException as exc:
+            return _error(exc, self._refit_name())
+
+    def refit_digest(self) -> dict[str, Any]:
+        """sha256 of every parameter and buffer (name, dtype, shape, bytes) of this worker."""
+        try:
+            model = self.model_runner.get_model()  # type: ignore[attr-defined]
+            h = hashlib.sha256()
+            items = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+            for name, t in sorted(items, key=lambda x: x[0]):
+                c = t.detach().cpu().contiguous()
+                h.update(f"{name}|{c.dtype}|{list(c.shape)}".encode())
+                if c.numel():
+                    h.update(c.reshape(-1).view(torch.uint8).numpy().tobytes())
+            return {"digest": h.hexdigest(), "tensors": len(items)}
+        except BaseException as exc:
+            return _error(exc, self._refit_name())
+
+    def refit_fix_pp(self) -> dict[str, Any]:
+        """CPU workaround: with ``enforce_eager`` a non-first PP stage never allocates its
+        intermediate tensors (see docs/vllm.md). Harmless on other ranks."""
+        try:
+            mr = self.model_runner  # type: ignore[attr-defined]
+            if getattr(mr, "intermediate_tensors", None) is None and hasattr(mr.model, "make_empty_intermediate_tensors"):
+                from vllm.distributed.parallel_state import get_pp_group
+
+                if not get_pp_group().is_first_rank:
+                    mr.intermediate_tensors = mr.model.make_empty_intermediate_tensors(batch_size=mr.max_num_tokens, dtype=mr.model_config.dtype, device=mr.device)
+            return {}
+        except BaseException as exc:
+            return _error(exc, self._refit_name())
+
+
+def raise_errors(replies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Raise the refit error of the workers' failed replies, naming every failed worker.
+
+    Raises:
+        ResolveError: some worker refused (listing every worker's problems).
+        TransportError: any other failure.
+    """
+    errors = [r["error"] for r in replies if isinstance(r, dict) and "error" in r]
+    if not errors:
+        return replies
+    text = "\n".join(f"  [{e['worker']}] {e['message']}" for e in errors)
+    if all(e["kind"] == "ResolveError" for e in errors):
+        problems = [f"[{e['worker']}] {p}" for e in errors for p in e["problems"]]
+        raise ResolveError(f"{len(errors)} vLLM worker(s) refused the push; nothing was loaded:\n{text}", problems)
+    raise TransportError(f"{len(errors)} vLLM worker(s) failed:\n{text}")
+
+
+class VllmEngine:
+    """:class:`~refit.transports.base.EngineHandle` for an in-process ``vllm.LLM``.
+
+    Args:
+        llm: a ``vllm.LLM`` started with ``worker_extension_cls=EXTENSION``.
+        rpc_timeout: seconds an RPC other than ``refit_receive`` may take (None: no limit).
+
+    Example:
+        >>> llm = LLM(model=path, worker_extension_cls=EXTENSION)  # doctest: +SKIP
+        >>> with Refitter("zmq", engine=VllmEngine(llm)) as r:  # doctest: +SKIP
+        ...     r.push(state, scales)
+    """
+
+    def __init__(self, llm: Any, *, rpc_timeout: float | None = 600.0) -> None:
+        self.llm = llm
+        self.rpc_timeout = rpc_timeout
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refit-vllm")
+        self._lock = threading.Lock()
+
+    def rpc(self, method: str, *args: Any, timeout: float | None = None) -> list[dict[str, Any]]:
+        """``collective_rpc`` one extension method; raise the workers' errors as refit errors."""
+        with self._lock:
+            replies = self.llm.collective_rpc(method, timeout=timeout or self.rpc_timeout, args=args)
+        return raise_errors(list(replies))
+
+    def open(self, transport: str, options: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Make every worker join ``transport``; returns each worker's ``info()``."""
+        return [r["info"] for r in self.rpc("refit_open", transport, dict(options))]
+
+    def begin_receive(self, timeout: float) -> Future[list[RefitReport]]:
+        """Start ``refit_receive`` on every worker in a background thread."""
+        return self._pool.submit(self._receive, timeout)
+
+    def _receive(self, timeout: float) -> list[RefitReport]:
+        from refit.wire import _report
+
+        replies = self.rpc("refit_receive", timeout, timeout=timeout + 60)
+        return [_report(r["report"]) for r in replies if r.get("report") is not None]
+
+    def apply(self, state: Mapping[str, torch.Tensor], scales: Mapping[str, torch.Tensor] | None = None, *, version: int = 1, bucket_bytes: int = 64 << 20) -> list[RefitReport]:
+        """Push a small state inside the RPC itself (no transport; for tests and tiny models)."""
+        from refit.api import collect
+        from refit.pack import pack
+        from refit.plan import plan
+        from refit.wire import _report, manifest_to_wire
+
+        entries, sources = collect(state, scales)
+        m = plan(entries, bucket_bytes=bucket_bytes)
+        buckets = []
+        for index, metas in enumerate(m.by_bucket):
+            buf = torch.zeros(m.bucket_sizes[index], dtype=torch.uint8)
+            pack(buf, metas, [sources[x.name] for x in metas])
+            buckets.append(buf.numpy().tobytes())
+        return [_report(r["report"]) for r in self.rpc("refit_apply", manifest_to_wire(m), buckets, version)]
+
+    def close(self) -> None:
+        try:
+            self.rpc("refit_close")
+        finally:
+            self._pool.shutdown(wait=False)

@@ -1,0 +1,117 @@
+"""One tiny Qwen2 engine (TP=1, float32): pushes land bit for bit, greedy output equals HF's,
+KV scales land, refusals leave every engine tensor bit-identical."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.integration
+
+from refit import Refitter, ResolveError  # noqa: E402
+
+from .conftest import digests, engine_fixture, hf_greedy, hf_state, read, vllm_greedy  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_model_dir):
+    yield from engine_fixture(tmp_model_dir)
+
+
+def test_push_in_rpc_matches_hf(engine):
+    llm, handle, model_dir = engine
+    hf, state = hf_state(model_dir, seed=1)
+    reports = handle.apply(state, version=7)
+    assert [r.version for r in reports] == [7]
+    assert reports[0].loaded == len(state)
+    # Unfused tensors land bit for bit (norms are plain parameters; embed/lm_head too).
+    got = read(handle, ["model.norm.weight", "model.embed_tokens.weight", "lm_head.weight", "model.layers.1.input_layernorm.weight"])[0]
+    for name, t in got.items():
+        assert torch.equal(t.view(torch.uint8), state[name].contiguous().view(torch.uint8)), name
+    assert vllm_greedy(llm) == hf_greedy(hf)
+
+
+def test_push_over_zmq_one_line(engine):
+    pytest.importorskip("zmq")
+    pytest.importorskip("refit.transports.zmq")
+    llm, handle, model_dir = engine
+    hf, state = hf_state(model_dir, seed=2)
+    with Refitter("zmq", engine=handle, bucket_bytes=1 << 18, timeout=60) as refitter:
+        report = refitter.push(state)
+    assert report.buckets > 1  # several buckets: tensors of one layer span buckets
+    assert [r.loaded for r in report.receivers] == [len(state)]
+    assert vllm_greedy(llm) == hf_greedy(hf)
+    handle.open("zmq", {})  # Refitter.close() closed the workers' receivers; rejoin for later tests
+
+
+def test_kv_scales_land_and_survive_weight_pushes(engine):
+    llm, handle, model_dir = engine
+    scales = {
+        "model.layers.0.self_attn.k_scale": torch.tensor(0.5),
+        "model.layers.0.self_attn.v_scale": torch.tensor(0.25),
+        "model.layers.1.self_attn.k_proj.k_scale": torch.tensor(0.125),  # ModelOpt-style name
+    }
+    handle.apply({}, scales, version=8)
+    names = ["model.layers.0.self_attn.attn._k_scale", "model.layers.0.self_attn.attn._v_scale", "model.layers.1.self_attn.attn._k_scale",
+             "model.layers.0.self_attn.attn._k_scale_float", "model.layers.0.self_attn.attn._v_scale_float", "model.layers.1.self_attn.attn._k_scale_float"]
+    got = read(handle, names)[0]
+    assert got[names[0]].item() == 0.5 and got[names[0]].shape == () and got[names[0]].dtype == torch.float32
+    assert got[names[1]].item() == 0.25 and got[names[2]].item() == 0.125
+    assert (got[names[3]], got[names[4]], got[names[5]]) == (0.5, 0.25, 0.125)
+    # A later weight-only push runs vLLM's post-load step (which resets unquantized scales to
+    # 1.0); the pushed values must still be there afterwards.
+    hf, state = hf_state(model_dir, seed=3)
+    handle.apply(state, version=9)
+    got = read(handle, names)[0]
+    assert got[names[0]].item() == 0.5 and got[names[3]] == 0.5
+    assert vllm_greedy(llm) == hf_greedy(hf)
+
+
+def test_modelopt_amax_becomes_scale(engine):
+    _, handle, _ = engine
+    handle.apply({}, {"model.layers.0.self_attn.k_bmm_quantizer._amax": torch.tensor(448.0 * 0.375)}, version=10)
+    assert read(handle, ["model.layers.0.self_attn.attn._k_scale"])[0]["model.layers.0.self_attn.attn._k_scale"].item() == 0.375
+
+
+@pytest.mark.parametrize(
+    "bad, expect",
+    [
+        ({"model.layers.0.self_attn.q_projj.weight": torch.zeros(128, 128)}, "q_projj"),
+        ({"model.layers.0.mlp.down_proj.input_scale": torch.tensor(1.0)}, "down_proj.input_scale"),
+        ({"model.layers.0.self_attn.o_proj.weight": torch.zeros(128, 64)}, "shape [128, 64]"),
+        ({"model.norm.weight": torch.zeros(128, dtype=torch.bfloat16)}, "dtype torch.bfloat16"),
+        ({"model.layers.2.mlp.up_proj.weight": torch.zeros(256, 128)}, "layers.2"),
+    ],
+    ids=["misspelled", "scale-without-buffer", "wrong-shape", "wrong-dtype", "no-such-layer"],
+)
+def test_refusal_leaves_engine_bit_identical(engine, bad, expect):
+    _, handle, model_dir = engine
+    _, state = hf_state(model_dir, seed=4)
+    before = digests(handle)
+    with pytest.raises(ResolveError) as info:
+        handle.apply({**state, **bad}, version=99)
+    assert expect in str(info.value)
+    assert "vllm-worker-0" in str(info.value)
+    assert digests(handle) == before
+
+
+def test_partial_layer_is_refused(engine):
+    _, handle, model_dir = engine
+    _, state = hf_state(model_dir, seed=5)
+    before = digests(handle)
+    with pytest.raises(ResolveError) as info:
+        handle.apply({"model.layers.0.self_attn.q_proj.weight": state["model.layers.0.self_attn.q_proj.weight"]}, version=98)
+    assert "qkv_proj" in str(info.value) and "push every tensor of this layer" in str(info.value)
+    assert digests(handle) == before
+
+
+def test_partial_model_push_of_whole_layers(engine):
+    llm, handle, model_dir = engine
+    hf, state = hf_state(model_dir, seed=6)
+    handle.apply(state, version=11)
+    hf2, state2 = hf_state(model_dir, seed=7)
+    mlp1 = {k: v for k, v in state2.items() if k.startswith("model.layers.1.mlp.")}
+    handle.apply(mlp1, version=12)
+    hf.load_state_dict({**state, **mlp1})
+    assert vllm_greedy(llm) == hf_greedy(hf)
