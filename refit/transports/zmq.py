@@ -80,7 +80,7 @@ class ZmqSender(Sender):
         buf = self._bufs[slot]
         if buf.is_pinned():  # pack used non-blocking device-to-host copies
             torch.cuda.current_stream().synchronize()
-        self.group.send_bucket(index, nbytes, slot, memoryview(buf.numpy())[:nbytes])
+        self.group.send_bucket(index, nbytes, slot, memoryview(buf.numpy())[:nbytes])  # type: ignore[arg-type]
         self._slot_bucket[slot] = index
 
     def finish(self) -> list[RefitReport]:

