@@ -94,28 +94,41 @@ class RefitWorkerExtension:
         except BaseException as exc:
             return _error(exc, self._refit_name())
 
-    def refit_apply(self, manifest: dict[str, Any], buckets: list[bytes], version: int) -> dict[str, Any]:
-        """Apply a whole push carried inside the RPC (small pushes, tests, no transport).
+    def refit_prepare(self, manifest: dict[str, Any], version: int) -> dict[str, Any]:
+        """First half of a push carried inside RPCs: resolve the whole manifest, load nothing.
 
         Args:
             manifest: ``refit.wire.manifest_to_wire`` form.
-            buckets: each bucket's bytes, in order.
             version: the version to commit.
         """
         try:
             from refit.wire import manifest_from_wire
 
-            m = manifest_from_wire(manifest)
             loader = self._refit_loader()
-            problems = loader.prepare(m, version)
+            problems = loader.prepare(manifest_from_wire(manifest), version)
             if problems:
                 raise ResolveError(f"{loader.name} refused the push; nothing was loaded:\n" + problem_list(problems), problems)
-            if len(buckets) != m.num_buckets:
-                loader.abort("bucket count")
-                raise TransportError(f"{loader.name}: got {len(buckets)} buckets, manifest has {m.num_buckets}")
+            return {}
+        except BaseException as exc:
+            return _error(exc, self._refit_name())
+
+    def refit_apply(self, buckets: list[bytes]) -> dict[str, Any]:
+        """Second half: apply every bucket (bytes, in order) of the prepared push and commit."""
+        try:
+            loader = self._refit_loader()
             for i, data in enumerate(buckets):
                 loader.apply(i, torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8))
             return {"report": loader.finish().to_wire()}
+        except BaseException as exc:
+            if getattr(self, "_refit_loader_obj", None) is not None and self._refit_loader_obj.active:
+                self._refit_loader_obj.abort(f"apply failed: {exc}")
+            return _error(exc, self._refit_name())
+
+    def refit_abort(self, reason: str) -> dict[str, Any]:
+        """Drop a prepared push (nothing of it was applied)."""
+        try:
+            self._refit_loader().abort(reason)
+            return {}
         except BaseException as exc:
             return _error(exc, self._refit_name())
 
@@ -132,13 +145,18 @@ class RefitWorkerExtension:
     # -- inspection (tests, debugging): plain values only
 
     def refit_read(self, names: list[str]) -> dict[str, Any]:
-        """Raw bytes, dtype and shape of model tensors / attributes by qualified name."""
+        """Raw bytes, dtype and shape of model tensors / attributes by qualified name
+        (``{"absent": why}`` for a name this worker does not hold)."""
         try:
             model = self.model_runner.get_model()  # type: ignore[attr-defined]
             out: dict[str, Any] = {}
             for name in names:
                 mod_name, _, attr = name.rpartition(".")
-                value = getattr(model.get_submodule(mod_name), attr)
+                try:
+                    value = getattr(model.get_submodule(mod_name), attr)
+                except AttributeError as exc:  # e.g. a layer another PP stage owns
+                    out[name] = {"absent": str(exc)}
+                    continue
                 if isinstance(value, torch.Tensor):
                     t = value.detach().cpu().contiguous()
                     out[name] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "data": t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""}
@@ -248,7 +266,14 @@ class VllmEngine:
             buf = torch.zeros(m.bucket_sizes[index], dtype=torch.uint8)
             pack(buf, metas, [sources[x.name] for x in metas])
             buckets.append(buf.numpy().tobytes())
-        return [_report(r["report"]) for r in self.rpc("refit_apply", manifest_to_wire(m), buckets, version)]
+        # Two phases, like every transport's handshake: all workers resolve first, and one
+        # refusal stops all before any worker loads a byte.
+        with self._lock:
+            replies = list(self.llm.collective_rpc("refit_prepare", timeout=self.rpc_timeout, args=(manifest_to_wire(m), version)))
+            if any("error" in r for r in replies):
+                self.llm.collective_rpc("refit_abort", timeout=self.rpc_timeout, args=("another worker refused",))
+                raise_errors(replies)
+        return [_report(r["report"]) for r in self.rpc("refit_apply", buckets)]
 
     def close(self) -> None:
         try:

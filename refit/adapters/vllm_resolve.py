@@ -59,7 +59,7 @@ from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
 from vllm.model_executor.model_loader.reload.meta import SKIP_LOAD_TENSORS
 from vllm.model_executor.model_loader.reload.sanitize import restore_layer_refs
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader, maybe_remap_kv_scale_name
-from vllm.model_executor.models.utils import PPMissingLayer, get_pp_missing_layer_names
+from vllm.model_executor.models.utils import PPMissingLayer, StageMissingLayer, get_pp_missing_layer_names
 
 from refit.errors import ResolveError
 from refit.load import Loader
@@ -215,7 +215,7 @@ class VllmResolver:
         self._hits_by_key: dict[str, list[Hit]] = {}
         self._kv_values: dict[tuple[str, str], torch.Tensor] = {}  # (attention module, "_k_scale") -> value
         self._reloading = False
-        self._missing = get_pp_missing_layer_names(model)
+        self._missing = [n.rstrip(".") for n in get_pp_missing_layer_names(model)]  # vLLM keeps a trailing dot
         named = list(model.named_parameters(remove_duplicate=False))
         first: dict[int, str] = {}
         self._aliases = {n: first.setdefault(id(p), n) for n, p in named if first.get(id(p), n) != n}
@@ -292,19 +292,19 @@ class VllmResolver:
             return Resolution(Placement.REMOTE, key=name)
         parent, index = f"{m.group(1) or ''}{m.group(2)}", m.group(3)
         container = self.model.get_submodule(parent)
-        siblings = [n for n, c in container.named_children() if n.isdigit() and not isinstance(c, PPMissingLayer)]
+        siblings = [n for n, c in container.named_children() if n.isdigit() and not isinstance(c, (PPMissingLayer, StageMissingLayer))]
         token = f"{m.group(2)}.{index}."
-        for sibling in siblings:
-            if token in name:
-                probe = self._probe(name.replace(token, f"{m.group(2)}.{sibling}.", 1), shape, dtype)
-                if probe.hits and not probe.error:
-                    return Resolution(Placement.REMOTE, key=name)
-        if not siblings:
+        if not siblings or token not in name:
             return Resolution(Placement.REMOTE, key=name)
+        for sibling in siblings:
+            res, _ = self._resolve(name.replace(token, f"{m.group(2)}.{sibling}.", 1), shape, dtype)
+            if res.placement is Placement.LOCAL and not res.problem:
+                return Resolution(Placement.REMOTE, key=name)
         return Resolution(
             Placement.UNKNOWN,
             key=name,
-            problem=f"{name}: owned by another pipeline stage, but no layer of this model takes that name (checked on a local {m.group(2)} layer)",
+            problem=f"{name}: {prefix} belongs to another pipeline stage, but the same name under the local "
+            f"{parent}.{siblings[0]} is refused: {res.problem or 'unknown'}",
         )
 
     def _vllm_name(self, name: str) -> str:

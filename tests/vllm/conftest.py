@@ -139,7 +139,9 @@ def read(engine: Any, names: list[str]) -> list[dict[str, Any]]:
     for reply in engine.rpc("refit_read", names):
         got: dict[str, Any] = {}
         for name, d in reply["tensors"].items():
-            if "value" in d:
+            if "absent" in d:
+                got[name] = None
+            elif "value" in d:
                 got[name] = d["value"]
             else:
                 dt = dtype_from_name(d["dtype"])

@@ -1,0 +1,55 @@
+"""TP=2 on CPU: each rank loads its own shard through the parameter's weight_loader."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.integration
+
+from refit import Refitter, ResolveError  # noqa: E402
+
+from .conftest import digests, engine_fixture, hf_greedy, hf_state, read, vllm_greedy  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_model_dir):
+    yield from engine_fixture(tmp_model_dir, tp=2)
+
+
+def test_each_rank_loads_its_shard_and_generation_matches_hf(engine):
+    llm, handle, model_dir = engine
+    hf, state = hf_state(model_dir, seed=11)
+    reports = handle.apply(state, version=1)
+    assert sorted(r.peer for r in reports) == ["vllm-worker-0", "vllm-worker-1"]
+    assert all(r.loaded == len(state) and r.remote == 0 for r in reports)
+    # The vocab-parallel embedding: rank r holds rows [r*256, (r+1)*256) (vocab 512).
+    embed = state["model.embed_tokens.weight"]
+    got = read(handle, ["model.embed_tokens.weight", "model.norm.weight"])
+    for rank, tensors in enumerate(got):
+        assert torch.equal(tensors["model.embed_tokens.weight"], embed[rank * 256 : (rank + 1) * 256])
+        assert torch.equal(tensors["model.norm.weight"], state["model.norm.weight"])
+    assert vllm_greedy(llm) == hf_greedy(hf)
+
+
+def test_zmq_fan_out_to_both_ranks(engine):
+    pytest.importorskip("refit.transports.zmq")
+    llm, handle, model_dir = engine
+    hf, state = hf_state(model_dir, seed=12)
+    with Refitter("zmq", engine=handle, bucket_bytes=1 << 18, timeout=120) as refitter:
+        report = refitter.push(state, {"model.layers.1.self_attn.v_scale": torch.tensor(0.75)})
+    assert len(report.receivers) == 2
+    assert [t["model.layers.1.self_attn.attn._v_scale_float"] for t in read(handle, ["model.layers.1.self_attn.attn._v_scale_float"])] == [0.75, 0.75]
+    assert vllm_greedy(llm) == hf_greedy(hf)
+    handle.open("zmq", {})
+
+
+def test_refusal_on_every_rank_leaves_engine_untouched(engine):
+    _, handle, model_dir = engine
+    _, state = hf_state(model_dir, seed=13)
+    before = digests(handle)
+    with pytest.raises(ResolveError) as info:
+        handle.apply({**state, "model.layers.0.mlp.gate_projj.weight": torch.zeros(256, 128)}, version=2)
+    assert "vllm-worker-0" in str(info.value) and "vllm-worker-1" in str(info.value)
+    assert digests(handle) == before
