@@ -1,77 +1,21 @@
-"""``Refitter``: the trainer-side entry point, and ``collect``: input validation."""
+"""``Refitter``: the trainer-side entry point."""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from refit.errors import PlanError, RefitError, problem_list
-from refit.load import scale_problem
-from refit.meta import Manifest, Role, TensorMeta, dtype_name
-from refit.pack import Lazy
+from refit.collect import Collector, StateLike
+from refit.errors import RefitError
+from refit.meta import Manifest
 from refit.plan import DEFAULT_ALIGNMENT, DEFAULT_BUCKET_BYTES, PlanEntry, check_layout_options, plan
 from refit.report import RefitReport
 from refit.transports.base import EngineHandle, Progress, Sender, load_transport, stream
-
-StateLike = Mapping[str, "torch.Tensor | Lazy"] | Iterable[tuple[str, "torch.Tensor | Lazy"]]
-
-
-def collect(state: StateLike, scales: Mapping[str, torch.Tensor] | None) -> tuple[list[PlanEntry], dict[str, torch.Tensor | Lazy]]:
-    """Validate a push's input and return plan entries (scales first) and sources by name.
-
-    Scales go first so every receiver validates them before it applies any weight.
-
-    Raises:
-        PlanError: listing every bad entry: non-tensor values, duplicate names, sparse or meta
-            tensors, dtypes that cannot travel, non-finite or non-positive scales.
-    """
-    problems: list[str] = []
-    entries: list[PlanEntry] = []
-    sources: dict[str, torch.Tensor | Lazy] = {}
-    if scales is not None and not isinstance(scales, Mapping):
-        raise PlanError(f"scales must be a mapping of name -> tensor, got {type(scales).__name__}")
-    if isinstance(state, torch.nn.Module):
-        raise PlanError("pass module.state_dict() (or named_parameters()), not the module itself")
-    items = state.items() if isinstance(state, Mapping) else state
-    for role, pairs in ((Role.SCALE, (scales or {}).items()), (Role.WEIGHT, items)):
-        for pair in pairs:
-            if not isinstance(pair, tuple) or len(pair) != 2:
-                raise PlanError(f"state must be a mapping or an iterable of (name, tensor) pairs, got {pair!r:.80}")
-            name, value = pair
-            if name in sources:
-                problems.append(f"{name}: appears more than once (in state and/or scales)")
-                continue
-            if isinstance(value, Lazy):
-                sources[name] = value
-                entries.append(PlanEntry(name, value.shape, value.dtype, role))
-                continue
-            if not isinstance(value, torch.Tensor):
-                problems.append(f"{name}: expected a torch.Tensor or refit.Lazy, got {type(value).__name__}")
-                continue
-            if value.layout != torch.strided or value.is_meta:
-                problems.append(f"{name}: {value.layout} / meta tensors cannot travel; pass a dense tensor")
-                continue
-            try:
-                dtype_name(value.dtype)
-            except PlanError as exc:
-                problems.append(f"{name}: {exc}")
-                continue
-            if role is Role.SCALE and (bad := scale_problem(_meta_for(name, value), value.detach())):
-                problems.append(bad)
-            sources[name] = value.detach()
-            entries.append(PlanEntry(name, tuple(value.shape), value.dtype, role))
-    if problems:
-        raise PlanError("invalid push input; nothing was sent:\n" + problem_list(problems))
-    return entries, sources
-
-
-def _meta_for(name: str, t: torch.Tensor) -> TensorMeta:
-    return TensorMeta(name, t.dtype, tuple(t.shape), Role.SCALE, 0, 0, 0)
 
 
 class Refitter:
@@ -132,6 +76,7 @@ class Refitter:
         self.progress = progress
         self._versions = itertools.count(1)
         self._last: tuple[list[PlanEntry], Manifest] | None = None
+        self._collect = Collector()
 
     def plan(self, entries: list[PlanEntry]) -> Manifest:
         """The manifest for ``entries``; reused while names, shapes and dtypes do not change."""
@@ -154,8 +99,8 @@ class Refitter:
                 are torn until the next complete push).
         """
         t0 = time.perf_counter()
-        entries, sources = collect(state, scales)
-        manifest = self.plan(entries)
+        got = self._collect(state, scales)
+        manifest = self.plan(got.entries)
         v = next(self._versions) if version is None else version
         if not isinstance(v, int) or v < 0:
             raise RefitError(f"version must be a non-negative int, got {v!r}")
@@ -165,7 +110,7 @@ class Refitter:
             self.sender.handshake(manifest, v)
             t2 = time.perf_counter()
             try:
-                stages = stream(self.sender, manifest, sources, num_buffers=self.num_buffers, progress=self.progress)
+                stages = stream(self.sender, manifest, got.sources, num_buffers=self.num_buffers, progress=self.progress, blocks=got.blocks)
                 t3 = time.perf_counter()
                 receivers = self.sender.finish()
             except BaseException as exc:

@@ -19,25 +19,50 @@ from refit.meta import Manifest, Role, TensorMeta
 from refit.pack import bucket_view, chunk_of, copy_many
 from refit.report import RefitReport
 from refit.resolve import Placement, Resolution, Resolver
+from refit.scales import amax_mask, run_problems, run_view, segments, value_problem
 
 
-def scale_problem(meta: TensorMeta, value: torch.Tensor) -> str:
-    """'' if a scale's values are usable, else the problem.
+@dataclass(frozen=True)
+class _One:
+    """One entry of a bucket: where it goes (``dest`` is the precomputed target view)."""
 
-    Rule: every scale element must be finite; an ``amax`` (name ending in ``amax``) must be
-    >= 0, any other scale > 0 (a zero or negative scale silently zeroes or flips a layer).
-    """
-    if value.numel() == 0 or not value.dtype.is_floating_point:
-        return ""
-    v = value.float()
-    if not bool(torch.isfinite(v).all()):
-        return f"{meta.name}: scale has non-finite values"
-    if meta.name.endswith("amax"):
-        if bool((v < 0).any()):
-            return f"{meta.name}: amax has negative values"
-    elif bool((v <= 0).any()):
-        return f"{meta.name}: scale has values <= 0"
-    return ""
+    meta: TensorMeta
+    res: Resolution
+    dest: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class _Run:
+    """A run of 0-d entries, all local with a direct buffer: one strided view, one validation,
+    one multi-tensor copy."""
+
+    metas: tuple[TensorMeta, ...]
+    dests: list[torch.Tensor]
+    scale: bool
+    amax: torch.Tensor | None
+    device: torch.device | None  # the dests' common device, None if they differ
+
+
+Step = _One | _Run
+
+
+def _bucket_steps(metas: list[TensorMeta], resolutions: list[Resolution]) -> list[Step]:
+    steps: list[Step] = []
+    for i, j, is_run in segments(metas):
+        part = resolutions[i:j]
+        if is_run and all(r.placement is Placement.LOCAL and r.dest is not None for r in part):
+            run = tuple(metas[i:j])
+            scale = all(m.role is Role.SCALE for m in run)
+            if scale or all(m.role is Role.WEIGHT for m in run):
+                dests = [r.dest for r in part if r.dest is not None]
+                devices = {d.device for d in dests}
+                device = devices.pop() if len(devices) == 1 else None
+                steps.append(_Run(run, dests, scale, amax_mask([m.name for m in run]) if scale else None, device))
+                continue
+        for m, r in zip(metas[i:j], part):
+            dest = None if r.dest is None else (chunk_of(r.dest, m) if m.is_chunked else r.dest)
+            steps.append(_One(m, r, dest))
+    return steps
 
 
 @dataclass
@@ -46,7 +71,7 @@ class _Push:
 
     version: int
     manifest: Manifest
-    plan: list[list[tuple[TensorMeta, Resolution]]]  # per bucket, local + remote entries
+    plan: list[list[Step]]  # per bucket
     started: float
     next_bucket: int = 0
     applied: int = 0
@@ -71,6 +96,7 @@ class Loader:
         self.torn = False
         self._push: _Push | None = None
         self._layouts: dict[str, Manifest] = {}
+        self._prepared: tuple[str, list[list[Step]], int] | None = None  # digest, steps, local entries
 
     def knows(self, digest: str) -> Manifest | None:
         """The manifest of a layout this loader has accepted before, by digest."""
@@ -87,40 +113,61 @@ class Loader:
         """Resolve every entry; returns the sorted problems (empty: accepted, ready to apply).
 
         Nothing is written to the target here. A push in progress is abandoned (torn if it had
-        applied anything).
+        applied anything). The resolution of a layout is kept, so a repeated layout is accepted
+        without resolving again, unless the resolver says ``stable = False`` or
+        :meth:`invalidate` was called.
         """
         t0 = time.perf_counter()
         if self._push is not None:
             self.abort("a new push began before the previous one finished")
+        cached = self._prepared
+        if cached is None or cached[0] != manifest.digest or not getattr(self.resolver, "stable", True):
+            problems, steps, local = self._resolve(manifest)
+            if problems:
+                return problems
+            cached = self._prepared = (manifest.digest, steps, local)
+        self._push = _Push(version, manifest, cached[1], t0)
+        self._push.seconds["resolve"] = time.perf_counter() - t0
+        self._layouts[manifest.digest] = manifest
+        return []
+
+    def invalidate(self) -> None:
+        """Forget cached resolutions (call when the target's tensors were re-created)."""
+        self._prepared = None
+
+    def _resolve(self, manifest: Manifest) -> tuple[list[str], list[list[Step]], int]:
         problems: list[str] = []
-        plan: list[list[tuple[TensorMeta, Resolution]]] = [[] for _ in manifest.bucket_sizes]
+        resolutions: list[Resolution] = []
         keys: dict[str, str] = {}
+        local = 0
         for meta in manifest.metas:
             res = self.resolver.resolve(meta)
+            resolutions.append(res)
+            if meta.chunk:
+                continue
             if res.problem:
-                if meta.chunk == 0:
-                    problems.append(res.problem)
-                continue
-            if res.placement is Placement.UNKNOWN:
+                problems.append(res.problem)
+            elif res.placement is Placement.UNKNOWN:
                 problems.append(f"{meta.name}: unknown")
-                continue
-            if res.placement is Placement.LOCAL and meta.chunk == 0:
+            elif res.placement is Placement.LOCAL:
                 if res.dest is None and res.load is None:
                     problems.append(f"{meta.name}: resolver gave no buffer and no loader")
                     continue
                 other = keys.setdefault(res.key, meta.name)
                 if other != meta.name:
                     problems.append(f"{meta.name}: fills {res.key!r}, already filled by {other}")
-            plan[meta.bucket].append((meta, res))
+                local += 1
         if self.require_complete:
             missing = self.resolver.required_keys() - set(keys)
             problems += [f"{k}: missing from the push (require_complete=True)" for k in missing]
         if problems:
-            return sorted(set(problems))
-        self._push = _Push(version, manifest, plan, t0)
-        self._push.seconds["resolve"] = time.perf_counter() - t0
-        self._layouts[manifest.digest] = manifest
-        return []
+            return sorted(set(problems)), [], 0
+        steps: list[list[Step]] = []
+        k = 0
+        for metas in manifest.by_bucket:
+            steps.append(_bucket_steps(list(metas), resolutions[k : k + len(metas)]))
+            k += len(metas)
+        return [], steps, local
 
     @property
     def active(self) -> bool:
@@ -128,6 +175,9 @@ class Loader:
 
     def apply(self, index: int, bucket: torch.Tensor) -> None:
         """Apply bucket ``index`` (a 1-D uint8 tensor holding at least its bytes).
+
+        Scales in the bucket are validated before anything of it is applied (scales are
+        planned first, so normally before any weight).
 
         Raises:
             ResolveError: a scale in this bucket is invalid (the push is aborted; torn if an
@@ -138,35 +188,51 @@ class Loader:
             self.abort(f"bucket {index} arrived, expected {push.next_bucket}")
             raise ResolveError(f"{self.name}: bucket {index} arrived out of order (expected {push.next_bucket})")
         t0 = time.perf_counter()
-        entries = push.plan[index]
-        views = [bucket_view(bucket, m) for m, _ in entries]
-        bad = [p for (m, _), v in zip(entries, views) if m.role is Role.SCALE and (p := scale_problem(m, v))]
+        steps = push.plan[index]
+        views: list[torch.Tensor] = []
+        bad: list[str] = []
+        for step in steps:
+            if isinstance(step, _Run):
+                v = run_view(bucket, step.metas)
+                if step.scale:
+                    bad += run_problems([m.name for m in step.metas], v, step.amax)
+            else:
+                v = bucket_view(bucket, step.meta)
+                if step.meta.role is Role.SCALE and (p := value_problem(step.meta.name, v)):
+                    bad.append(p)
+            views.append(v)
         if bad:
             self.abort("invalid scales")
             raise ResolveError(f"{self.name} refused bucket {index}:\n" + problem_list(bad), bad)
-        self.torn = self.torn or bool(entries)  # from here on, the target may hold mixed data
         dsts: list[torch.Tensor] = []
         srcs: list[torch.Tensor] = []
-        for (meta, res), view in zip(entries, views):
+        for step, view in zip(steps, views):
+            if isinstance(step, _Run):
+                self.torn = True  # from here on the target may hold mixed data
+                if step.device == view.device:  # same dtype, same device: one multi-tensor copy
+                    torch._foreach_copy_(step.dests, view.unbind())
+                else:
+                    copy_many(step.dests, view.unbind(), non_blocking=view.device.type == "cpu")
+                push.applied += len(step.dests)
+                continue
+            meta, res = step.meta, step.res
+            last = meta.chunk == meta.chunks - 1
             if res.placement is Placement.REMOTE:
-                push.remote += meta.chunk == meta.chunks - 1
+                push.remote += last
                 continue
-            if res.dest is not None:
-                dsts.append(chunk_of(res.dest, meta) if meta.is_chunked else res.dest)
+            self.torn = True
+            push.applied += last
+            if step.dest is not None:
+                dsts.append(step.dest)
                 srcs.append(view)
-                push.applied += meta.chunk == meta.chunks - 1
-                continue
-            load = res.load
-            if load is None:  # prepare guarantees one of dest/load for LOCAL
-                raise ResolveError(f"{meta.name}: no buffer and no loader")
-            if not meta.is_chunked:
-                load(view)
-            else:
+            elif res.load is not None:
+                if not meta.is_chunked:
+                    res.load(view)
+                    continue
                 whole = push.staging.setdefault(meta.name, torch.empty(meta.shape, dtype=meta.dtype, device=bucket.device))
                 copy_many([chunk_of(whole, meta)], [view])
-                if meta.chunk == meta.chunks - 1:
-                    load(push.staging.pop(meta.name))
-            push.applied += meta.chunk == meta.chunks - 1
+                if last:
+                    res.load(push.staging.pop(meta.name))
         copy_many(dsts, srcs, non_blocking=bucket.device.type == "cpu" and any(d.is_cuda for d in dsts))
         push.next_bucket += 1
         push.seconds["apply"] = push.seconds.get("apply", 0.0) + time.perf_counter() - t0
@@ -178,13 +244,13 @@ class Loader:
         if push.next_bucket != m.num_buckets:
             self.abort(f"finish after {push.next_bucket} of {m.num_buckets} buckets")
             raise TornStateError(f"{self.name}: push ended after {push.next_bucket} of {m.num_buckets} buckets")
-        expected = sum(1 for b in push.plan for meta, r in b if meta.chunk == meta.chunks - 1 and r.placement is Placement.LOCAL)
+        expected = self._prepared[2] if self._prepared is not None else -1
         if push.applied != expected:
             self.abort("entries not applied exactly once")
             raise TornStateError(f"{self.name}: applied {push.applied} entries, expected {expected}")
         t0 = time.perf_counter()
-        if any(d.is_cuda for b in push.plan for _, r in b if (d := r.dest) is not None):
-            torch.cuda.synchronize()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # non-blocking host-to-device copies must land before commit
         self.resolver.post_load()
         push.seconds["finish"] = time.perf_counter() - t0
         push.seconds["total"] = time.perf_counter() - push.started

@@ -129,12 +129,12 @@ class Manifest:
     def num_buckets(self) -> int:
         return len(self.bucket_sizes)
 
-    @property
+    @cached_property
     def total_bytes(self) -> int:
         """Payload bytes (sum of tensor sizes, padding excluded)."""
         return sum(m.nbytes for m in self.metas)
 
-    @property
+    @cached_property
     def num_tensors(self) -> int:
         return sum(1 for m in self.metas if m.chunk == 0)
 
@@ -143,6 +143,14 @@ class Manifest:
         from refit.wire import manifest_digest
 
         return manifest_digest(self)
+
+    @cached_property
+    def segments(self) -> tuple[list[tuple[int, int, bool]], ...]:
+        """Per bucket, ``(i, j, is_run)`` pieces of ``by_bucket[b]``: runs of 0-d tensors at a
+        constant stride (handled as one strided view) and single tensors."""
+        from refit.scales import segments
+
+        return tuple(segments(metas) for metas in self.by_bucket)
 
     @cached_property
     def by_bucket(self) -> tuple[tuple[TensorMeta, ...], ...]:

@@ -20,11 +20,13 @@ from typing import Any, Protocol
 
 import torch
 
+from refit.collect import ScaleBlocks
 from refit.errors import RefitError
 from refit.load import Loader
-from refit.meta import Manifest
+from refit.meta import Manifest, TensorMeta
 from refit.pack import Lazy, pack
 from refit.report import RefitReport
+from refit.scales import run_view
 
 # name -> "module:Sender,Receiver"; imported lazily.
 TRANSPORTS: dict[str, str] = {
@@ -142,11 +144,13 @@ def stream(
     *,
     num_buffers: int,
     progress: Progress | None = None,
+    blocks: ScaleBlocks | None = None,
 ) -> dict[str, float]:
     """Pack and send every bucket of ``manifest`` with at most ``num_buffers`` in flight.
 
     Returns seconds spent packing and waiting for buffer reuse. Chunked :class:`Lazy` sources
-    are materialized once (on the buffers' device) and dropped after their last chunk.
+    are materialized once (on the buffers' device) and dropped after their last chunk. Runs of
+    0-d tensors are packed with one strided copy (from ``blocks`` when it holds them stacked).
     """
     bufs = sender.buffers(manifest.bucket_bytes, num_buffers)
     pack_s = wait_s = 0.0
@@ -156,15 +160,25 @@ def stream(
         t0 = time.perf_counter()
         sender.wait_reusable(slot)
         t1 = time.perf_counter()
+        singles: list[TensorMeta] = []
         srcs: list[torch.Tensor | Lazy] = []
-        for m in metas:
-            src = sources[m.name]
-            if isinstance(src, Lazy) and m.is_chunked:
-                if m.name not in materialized:
-                    materialized[m.name] = src.materialize(bufs[slot].device)
-                src = materialized[m.name] if m.chunk < m.chunks - 1 else materialized.pop(m.name)
-            srcs.append(src)
-        pack(bufs[slot], metas, srcs, non_blocking=bufs[slot].is_pinned())
+        for i, j, is_run in manifest.segments[index]:
+            run = metas[i:j]
+            stacked = blocks.source(run) if is_run and blocks is not None else None
+            if stacked is None and is_run and not any(isinstance(sources[m.name], Lazy) for m in run):
+                stacked = torch.stack([sources[m.name] for m in run])  # type: ignore[misc]
+            if stacked is not None:
+                run_view(bufs[slot], run).copy_(stacked, non_blocking=bufs[slot].is_pinned())
+                continue
+            for m in run:
+                src = sources[m.name]
+                if isinstance(src, Lazy) and m.is_chunked:
+                    if m.name not in materialized:
+                        materialized[m.name] = src.materialize(bufs[slot].device)
+                    src = materialized[m.name] if m.chunk < m.chunks - 1 else materialized.pop(m.name)
+                singles.append(m)
+                srcs.append(src)
+        pack(bufs[slot], singles, srcs, non_blocking=bufs[slot].is_pinned())
         t2 = time.perf_counter()
         sender.send(index, slot, manifest.bucket_sizes[index])
         wait_s += t1 - t0

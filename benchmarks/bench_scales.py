@@ -1,0 +1,139 @@
+"""What do 10,000 0-d scales add to a push? (issue: < 5 ms of plan + pack + unpack on CPU)
+
+Measures, in one run, a push of the same weights with and without N 0-d float32 scales:
+  - sender: input validation + plan (layout cached between pushes, as in training) + pack,
+  - receiver: unpack (views of every scale, validated),
+  - receiver: apply into N separate 0-d target buffers (reported separately: it is bounded by
+    one tensor write per scale, which no layout can avoid),
+and the ceiling: one copy of the same scale bytes packed densely.
+
+    python benchmarks/bench_scales.py --scales 10000 [--device cpu|cuda] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from refit import Refitter
+from refit.collect import Collector
+from refit.load import Loader
+from refit.plan import plan
+from refit.resolve import TensorsResolver
+from refit.scales import run_problems, run_view
+from refit.transports.base import Sender
+
+
+class PackOnly(Sender):
+    """A sender that only packs (no receiver), to time the sender's side alone."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._bufs: list[torch.Tensor] = []
+
+    def handshake(self, manifest, version):  # type: ignore[no-untyped-def]
+        pass
+
+    def buffers(self, bucket_bytes, num_buffers):  # type: ignore[no-untyped-def]
+        if not self._bufs:
+            self._bufs = [torch.empty(bucket_bytes, dtype=torch.uint8, device=self.device) for _ in range(num_buffers)]
+        return self._bufs
+
+    def wait_reusable(self, slot):  # type: ignore[no-untyped-def]
+        pass
+
+    def send(self, index, slot, nbytes):  # type: ignore[no-untyped-def]
+        pass
+
+    def finish(self):  # type: ignore[no-untyped-def]
+        return []
+
+    def abort(self, reason):  # type: ignore[no-untyped-def]
+        pass
+
+
+def best(fn, repeat: int, device: torch.device) -> float:  # type: ignore[no-untyped-def]
+    fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]  # median: this box is noisy
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scales", type=int, default=10_000)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    weights = {f"w{i}": torch.randn(256, 256, device=dev) for i in range(8)}
+    scales = {f"model.layers.{i // 4}.proj{i % 4}.weight_scale": torch.tensor(0.5 + i % 3, device=dev) for i in range(args.scales)}
+    bucket = 64 << 20
+
+    def sender_side(with_scales: bool) -> tuple[float, PackOnly]:
+        snd = PackOnly(dev)
+        refitter = Refitter(snd, bucket_bytes=bucket, num_buffers=1)  # the real path: validation, cached plan, pack
+        return best(lambda: refitter.push(weights, scales if with_scales else None), args.repeat, dev), snd
+
+    s_without, _ = sender_side(False)
+    s_with, snd = sender_side(True)
+
+    # receiver side, on the bucket the sender packed: unpack + validate every scale
+    got = Collector()(weights, scales)
+    manifest = plan(got.entries, bucket_bytes=bucket)
+    buf = snd._bufs[0]
+    metas0 = manifest.by_bucket[0]
+    runs = [(i, j) for i, j, is_run in manifest.segments[0] if is_run]
+
+    def unpack_scales() -> None:
+        for i, j in runs:
+            v = run_view(buf, metas0[i:j])
+            run_problems((), v, None)
+            v.unbind()
+
+    r_unpack = best(unpack_scales, args.repeat, dev)
+    targets = {k: torch.empty_like(v) for k, v in got.sources.items()}  # type: ignore[union-attr]
+    loader = Loader(TensorsResolver(targets))
+
+    def apply_all() -> None:
+        loader.prepare(manifest, 1)
+        for b in range(manifest.num_buckets):
+            loader.apply(b, buf)
+        loader.abort("bench")
+
+    r_apply = best(apply_all, args.repeat, dev)
+    dense = torch.stack(list(scales.values()))
+    out = torch.empty_like(dense)
+    ceiling = best(lambda: out.copy_(dense), args.repeat, dev)
+    extra = s_with - s_without + r_unpack
+    rows = {
+        "device": str(dev),
+        "scales": args.scales,
+        "sender_push_without_scales_ms": s_without * 1e3,
+        "sender_push_with_scales_ms": s_with * 1e3,
+        "receiver_unpack_validate_ms": r_unpack * 1e3,
+        "extra_plan_pack_unpack_ms": extra * 1e3,
+        "receiver_apply_all_ms": r_apply * 1e3,
+        "ceiling_dense_copy_ms": ceiling * 1e3,
+    }
+    for k, v in rows.items():
+        print(f"{k:<34} {v:.3f}" if isinstance(v, float) else f"{k:<34} {v}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Input validation for a push: ``state`` and ``scales`` -> plan entries and sources.
+
+Every bad entry is collected and reported at once (names, types, layouts, dtypes, scale
+values); nothing is sent for an invalid push. Scales are planned first, so receivers validate
+them before they apply any weight.
+
+Scales are the hot spot of pushes with many small tensors, so their layout is remembered
+between pushes: when the same scale tensors come again (same names, same objects: quantizer
+buffers updated in place), the per-tensor checks are skipped and their values are validated
+and packed as stacked blocks (see ``scales.py``).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from refit.errors import PlanError, problem_list
+from refit.meta import Role, TensorMeta, dtype_name
+from refit.pack import Lazy
+from refit.plan import PlanEntry
+from refit.scales import MIN_RUN, amax_mask, run_problems, value_problem
+
+StateLike = Mapping[str, "torch.Tensor | Lazy"] | Iterable[tuple[str, "torch.Tensor | Lazy"]]
+
+
+@dataclass
+class ScaleBlocks:
+    """Consecutive 0-d scales of one dtype, stacked once per push."""
+
+    names: list[tuple[str, ...]]
+    stacks: list[torch.Tensor]
+    position: dict[str, tuple[int, int]]  # name -> (block, index in block)
+
+    def source(self, metas: Sequence[TensorMeta]) -> torch.Tensor | None:
+        """The stacked values of a run of metas, if one block holds them in order."""
+        first = self.position.get(metas[0].name)
+        if first is None:
+            return None
+        g, k = first
+        if self.position.get(metas[-1].name) != (g, k + len(metas) - 1):
+            return None
+        return self.stacks[g][k : k + len(metas)]
+
+
+@dataclass
+class Collected:
+    entries: list[PlanEntry]
+    sources: dict[str, torch.Tensor | Lazy]
+    blocks: ScaleBlocks | None
+
+
+def _check_tensor(name: str, value: object) -> str:
+    if not isinstance(value, torch.Tensor):
+        return f"{name}: expected a torch.Tensor or refit.Lazy, got {type(value).__name__}"
+    if value.layout != torch.strided or value.is_meta:
+        return f"{name}: {value.layout} / meta tensors cannot travel; pass a dense tensor"
+    try:
+        dtype_name(value.dtype)
+    except PlanError as exc:
+        return f"{name}: {exc}"
+    return ""
+
+
+@dataclass
+class _ScaleLayout:
+    """What is remembered of the scales between pushes."""
+
+    names: tuple[str, ...]
+    values: list[torch.Tensor]
+    entries: list[PlanEntry]
+    groups: list[tuple[int, int]]  # [start, end) of stacked blocks
+    masks: list[torch.Tensor | None]
+    singles: list[int]  # scales validated one by one
+    position: dict[str, tuple[int, int]]
+
+
+class Collector:
+    """Validates push input; remembers the scales' layout between pushes."""
+
+    def __init__(self) -> None:
+        self._layout: _ScaleLayout | None = None
+
+    def __call__(self, state: StateLike, scales: Mapping[str, torch.Tensor] | None) -> Collected:
+        """Validate ``state`` and ``scales``.
+
+        Raises:
+            PlanError: listing every bad entry: non-tensor values, duplicate names, sparse or
+                meta tensors, dtypes that cannot travel, non-finite or non-positive scales.
+        """
+        if scales is not None and not isinstance(scales, Mapping):
+            raise PlanError(f"scales must be a mapping of name -> tensor, got {type(scales).__name__}")
+        if isinstance(state, torch.nn.Module):
+            raise PlanError("pass module.state_dict() (or named_parameters()), not the module itself")
+        problems: list[str] = []
+        layout, blocks = self._scales(scales or {}, problems)
+        entries = list(layout.entries) if layout else []
+        sources: dict[str, torch.Tensor | Lazy] = dict(zip(layout.names, layout.values)) if layout else {}
+        items = state.items() if isinstance(state, Mapping) else state
+        for pair in items:
+            if not isinstance(pair, tuple) or len(pair) != 2:
+                raise PlanError(f"state must be a mapping or an iterable of (name, tensor) pairs, got {pair!r:.80}")
+            name, value = pair
+            if name in sources:
+                problems.append(f"{name}: appears more than once (in state and/or scales)")
+            elif isinstance(value, Lazy):
+                sources[name] = value
+                entries.append(PlanEntry(name, value.shape, value.dtype, Role.WEIGHT))
+            elif bad := _check_tensor(name, value):
+                problems.append(bad)
+            else:
+                t = value.detach()  # type: ignore[union-attr]
+                sources[name] = t
+                entries.append(PlanEntry(name, tuple(t.shape), t.dtype, Role.WEIGHT))
+        if problems:
+            raise PlanError("invalid push input; nothing was sent:\n" + problem_list(problems))
+        return Collected(entries, sources, blocks)
+
+    def _scales(self, scales: Mapping[str, torch.Tensor], problems: list[str]) -> tuple[_ScaleLayout | None, ScaleBlocks | None]:
+        if not scales:
+            return None, None
+        names, values = tuple(scales), list(scales.values())
+        layout = self._layout
+        same = layout is not None and layout.names == names and all(map(operator.is_, layout.values, values))
+        if not same:
+            layout = self._new_layout(names, values, problems)
+            if layout is None:
+                return None, None
+        assert layout is not None  # invariant: set above
+        stacks = []
+        for (s, e), mask in zip(layout.groups, layout.masks):
+            with torch.no_grad():
+                stacked = torch.stack(values[s:e])
+            if stacked.shape != (e - s,) or stacked.dtype != layout.entries[s].dtype:  # changed in place
+                self._layout = None
+                return self._scales(scales, problems)
+            problems += run_problems(names[s:e], stacked, mask)
+            stacks.append(stacked)
+        problems += [p for i in layout.singles if (p := value_problem(names[i], values[i].detach()))]
+        if problems:
+            self._layout = None
+            return None, None
+        self._layout = layout
+        blocks = ScaleBlocks([names[s:e] for s, e in layout.groups], stacks, layout.position)
+        return layout, blocks
+
+    def _new_layout(self, names: tuple[str, ...], values: list[torch.Tensor], problems: list[str]) -> _ScaleLayout | None:
+        entries: list[PlanEntry] = []
+        n_bad = len(problems)
+        for name, value in zip(names, values):
+            if bad := _check_tensor(name, value):
+                problems.append(bad)
+            else:
+                entries.append(PlanEntry(name, tuple(value.shape), value.dtype, Role.SCALE))
+        if len(problems) > n_bad:
+            return None
+        groups: list[tuple[int, int]] = []
+        singles: list[int] = []
+        i = 0
+        while i < len(entries):
+            j = i + 1
+            if entries[i].shape == ():
+                while j < len(entries) and entries[j].shape == () and entries[j].dtype == entries[i].dtype:
+                    j += 1
+            if j - i >= MIN_RUN:
+                groups.append((i, j))
+            else:
+                singles.extend(range(i, j))
+            i = j
+        position = {names[x]: (g, x - s) for g, (s, e) in enumerate(groups) for x in range(s, e)}
+        masks = [amax_mask(names[s:e]) for s, e in groups]
+        return _ScaleLayout(names, list(values), entries, groups, masks, singles, position)

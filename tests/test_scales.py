@@ -1,0 +1,101 @@
+"""Many 0-d scales: strided runs, batched validation, and the fallbacks around them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from refit import PlanError, Refitter, ResolveError
+from refit.load import Loader
+from refit.meta import Role
+from refit.plan import PlanEntry, plan
+from refit.resolve import Placement, Resolution, TensorsResolver
+from refit.scales import MIN_RUN, find_runs, run_view
+from refit.transports.base import stream
+from refit.transports.local import LocalSender
+from tests.conftest import same_bits
+
+pytestmark = pytest.mark.unit
+
+
+def many_scales(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(n):
+        dtype = torch.bfloat16 if (i // 50) % 2 else torch.float32  # runs of 50, dtypes alternate
+        name = f"l{i}.input_amax" if i % 7 == 0 else f"l{i}.weight_scale"
+        out[name] = (torch.rand((), generator=g) + 0.01).to(dtype)
+    return out
+
+
+def test_runs_are_found_and_viewed() -> None:
+    entries = [PlanEntry(f"s{i}", (), torch.float32, Role.SCALE) for i in range(20)] + [PlanEntry("w", (4,), torch.float32)]
+    m = plan(entries, bucket_bytes=1 << 20)
+    metas = m.by_bucket[0]
+    assert find_runs(metas) == [(0, 20)]
+    bucket = torch.zeros(m.bucket_sizes[0], dtype=torch.uint8)
+    for i, meta in enumerate(metas[:20]):
+        bucket[meta.offset : meta.offset + 4].view(torch.float32)[0] = i
+    assert torch.equal(run_view(bucket, metas[:20]), torch.arange(20.0))
+    short = plan(entries[: MIN_RUN - 1], bucket_bytes=1 << 20)
+    assert find_runs(short.by_bucket[0]) == []
+
+
+@pytest.mark.parametrize("bucket_bytes", [1 << 20, 4096])  # one bucket, or runs cut by bucket edges
+def test_many_scales_arrive_bit_exact_and_repeat(bucket_bytes: int) -> None:
+    scales = many_scales(500)
+    weights = {"w": torch.randn(64, 64)}
+    target = {k: torch.zeros_like(v) for k, v in {**scales, **weights}.items()}
+    r = Refitter("local", target=target, bucket_bytes=bucket_bytes)
+    r.push(weights, scales)
+    for k, v in scales.items():
+        assert same_bits(target[k], v), k
+    for v in scales.values():  # in place, as a quantizer would: the cached layout is reused
+        v.mul_(2)
+    rep = r.push(weights, scales)
+    assert rep.receivers[0].loaded == 501
+    for k, v in scales.items():
+        assert same_bits(target[k], v), k
+
+
+def test_bad_value_inside_a_run_is_named() -> None:
+    scales = many_scales(100)
+    r = Refitter("local", target={k: torch.zeros_like(v) for k, v in scales.items()})
+    r.push({}, scales)
+    name = "l3.weight_scale"
+    scales[name].fill_(float("nan"))
+    with pytest.raises(PlanError, match=f"{name}: scale has non-finite values"):
+        r.push({}, scales)
+    scales[name].fill_(1.0)
+    scales["l7.input_amax"].fill_(0.0)  # amax may be zero
+    r.push({}, scales)
+    scales["l8.weight_scale"].fill_(0.0)  # a scale may not
+    with pytest.raises(PlanError, match="l8.weight_scale: scale has values <= 0"):
+        r.push({}, scales)
+
+
+def test_receiver_validates_runs_too() -> None:
+    names = [f"l{i}.k_scale" for i in range(16)]
+    target = {n: torch.ones(()) for n in names}
+    sender = LocalSender(target)
+    m = plan([PlanEntry(n, (), torch.float32, Role.SCALE) for n in names], bucket_bytes=1 << 20)
+    sender.handshake(m, 1)
+    values = {n: torch.tensor(2.0) for n in names}
+    values["l5.k_scale"] = torch.tensor(-1.0)  # a sender that skipped validation
+    with pytest.raises(ResolveError, match="l5.k_scale: scale has values <= 0"):
+        stream(sender, m, values, num_buffers=1)
+    assert all(float(t) == 1.0 for t in target.values()) and not sender.loader.torn
+
+
+def test_runs_with_remote_entries_fall_back_to_single_steps() -> None:
+    names = [f"l{i}.k_scale" for i in range(16)]
+    target = {n: torch.zeros(()) for n in names[:8]}
+
+    class HalfRemote(TensorsResolver):
+        def resolve(self, meta):  # type: ignore[no-untyped-def]
+            return super().resolve(meta) if meta.name in self.tensors else Resolution(Placement.REMOTE, key=meta.name)
+
+    loader = Loader(HalfRemote(target))
+    rep = Refitter("local", target=loader).push({}, {n: torch.tensor(float(i + 1)) for i, n in enumerate(names)})
+    assert rep.receivers[0].loaded == 8 and rep.receivers[0].remote == 8
+    assert [float(target[n]) for n in names[:8]] == [float(i + 1) for i in range(8)]
