@@ -141,10 +141,23 @@ def raw_zmq_seconds(address: str, buckets: list[memoryview], rounds: int) -> flo
 
 
 def bench_zmq(shape_name: str, device: torch.device, bucket_bytes: int, num_buffers: int, repeat: int) -> Row:
+    state, scales = make_state(get_shape(shape_name), device=device)
+    return bench_zmq_state(shape_name, state, scales, device, bucket_bytes, num_buffers, repeat)
+
+
+def bench_zmq_state(
+    label: str,
+    state: dict[str, torch.Tensor],
+    scales: dict[str, torch.Tensor],
+    device: torch.device,
+    bucket_bytes: int,
+    num_buffers: int,
+    repeat: int,
+) -> Row:
+    """A zmq push of ``state`` + ``scales`` to a receiver process over loopback tcp, beside raw
+    pyzmq zero-copy sends of the same bytes in the same bucket sizes to the same process."""
     from refit.meta import dtype_name
 
-    shape = get_shape(shape_name)
-    state, scales = make_state(shape, device=device)
     both = {**state, **scales}
     spec = {k: (tuple(v.shape), dtype_name(v.dtype)) for k, v in both.items()}
     nbytes = sum(v.numel() * v.element_size() for v in both.values())
@@ -165,7 +178,7 @@ def bench_zmq(shape_name: str, device: torch.device, bucket_bytes: int, num_buff
         proc.join(timeout=60)
         if proc.is_alive():
             proc.kill()
-    return _row("zmq", shape_name, device, nbytes, len(both), seconds, ceiling, "raw pyzmq zero-copy")
+    return _row("zmq", label, device, nbytes, len(both), seconds, ceiling, "raw pyzmq zero-copy")
 
 
 BENCHES = {"local": bench_local, "zmq": bench_zmq}

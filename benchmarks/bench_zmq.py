@@ -1,0 +1,45 @@
+"""zmq push of a 2 GiB state over loopback tcp vs raw pyzmq zero-copy sends of the same bytes.
+
+Both are measured in the same run, to the same receiving process: the raw ceiling sends the
+bytes in the same bucket sizes with ``copy=False`` and waits for one acknowledgement; the refit
+push packs, sends, and the receiver applies every tensor into its preallocated target.
+
+    python benchmarks/bench_zmq.py [--gib 2] [--bucket-mib 64] [--num-buffers 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from refit.bench import bench_zmq_state, table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gib", type=float, default=2.0, help="state size in GiB (bf16 weights)")
+    ap.add_argument("--bucket-mib", type=int, action="append", help="repeatable; default 64")
+    ap.add_argument("--num-buffers", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="where the trainer's tensors live (cpu or cuda)")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    per = 32 << 20  # 32 Mi elements = 64 MiB per bf16 tensor
+    n = max(1, int(args.gib * (1 << 30)) // (per * 2))
+    state = {f"model.layers.{i}.mlp.weight": torch.full((per,), float(i % 5 + 1), dtype=torch.bfloat16, device=dev) for i in range(n)}
+    scales = {f"model.layers.{i}.mlp.weight_scale": torch.tensor(0.5, device=dev) for i in range(n)}
+    rows = [
+        bench_zmq_state(f"{args.gib:g}GiB/{mib}M", state, scales, dev, mib << 20, args.num_buffers, args.repeat)
+        for mib in (args.bucket_mib or [64])
+    ]
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

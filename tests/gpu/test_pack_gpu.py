@@ -1,0 +1,87 @@
+"""Device paths of the core: packing, unpacking and local pushes on CUDA, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from refit import Lazy, Refitter
+from tests.conftest import every_dtype_state, random_tensor, same_bits
+from tests.test_plan_pack import roundtrip
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def test_every_dtype_roundtrips_on_cuda(gen: torch.Generator) -> None:
+    state = every_dtype_state(gen, device="cuda")
+    entries_bucket = 1024
+
+    # the packer on device buckets: reuse the CPU helper with device tensors
+    def cuda_roundtrip() -> dict[str, torch.Tensor]:
+        from refit.pack import pack, unpack
+        from refit.plan import PlanEntry, plan
+
+        m = plan([PlanEntry(n, tuple(t.shape), t.dtype) for n, t in state.items()], bucket_bytes=entries_bucket)
+        out: dict[str, torch.Tensor] = {}
+        for b, metas in enumerate(m.by_bucket):
+            bucket = torch.full((entries_bucket,), 0xAB, dtype=torch.uint8, device="cuda")
+            pack(bucket, metas, [state[x.name] for x in metas])
+            for meta, view in zip(metas, unpack(bucket, metas)):
+                if meta.is_chunked:
+                    whole = out.setdefault(meta.name, torch.empty(meta.shape, dtype=meta.dtype, device="cuda"))
+                    size = whole.element_size()
+                    whole.view(-1)[meta.start // size : (meta.start + meta.nbytes) // size].copy_(view)
+                else:
+                    out[meta.name] = view.clone()
+        return out
+
+    got = cuda_roundtrip()
+    for k, v in state.items():
+        assert got[k].is_cuda and same_bits(got[k], v), k
+
+
+@pytest.mark.parametrize("n", [4096, 4097, 3 * 4096])
+def test_bucket_edges_on_cuda(gen: torch.Generator, n: int) -> None:
+    state = {"a": random_tensor((), torch.bfloat16, gen, "cuda"), "x": random_tensor((n,), torch.uint8, gen, "cuda")}
+    got = roundtrip({k: v.cpu() for k, v in state.items()}, 4096)
+    for k, v in state.items():
+        assert same_bits(got[k], v.cpu())
+
+
+def test_local_push_on_cuda_with_scales_and_lazy(gen: torch.Generator) -> None:
+    state = {
+        "w8": random_tensor((64, 64), torch.float8_e4m3fn, gen, "cuda"),
+        "wbf": random_tensor((300, 100), torch.bfloat16, gen, "cuda"),  # chunked at 16 KiB
+        "nc": random_tensor((32, 48), torch.float16, gen, "cuda").t(),
+    }
+    scales = {f"l{i}.k_scale": torch.tensor(0.5 + i, dtype=torch.float32, device="cuda") for i in range(40)}
+    scales["l0.v_scale"] = torch.tensor(0.25, dtype=torch.bfloat16, device="cuda")
+    lazy = Lazy((128,), torch.float32, lambda out: torch.arange(128, out=out, dtype=torch.float32))
+    target = {k: torch.empty(v.shape, dtype=v.dtype, device="cuda") for k, v in {**state, **scales}.items()}
+    target["lz"] = torch.zeros(128, device="cuda")
+    with Refitter("local", target=target, bucket_bytes=16384) as r:
+        for _ in range(3):
+            r.push({**state, "lz": lazy}, scales)
+    for k, v in {**state, **scales}.items():
+        assert same_bits(target[k], v), k
+    assert torch.equal(target["lz"], torch.arange(128.0, device="cuda"))
+
+
+def test_zmq_pinned_staging_roundtrip(gen: torch.Generator) -> None:
+    """CUDA source tensors go through pinned host buckets; a CUDA receiver stages into pinned memory."""
+    import threading
+
+    pytest.importorskip("zmq")
+    from refit.receiver import RefitReceiver
+
+    state = {"w": random_tensor((1000, 37), torch.bfloat16, gen, "cuda"), "s": torch.tensor(0.5, device="cuda")}
+    target = {k: torch.zeros(v.shape, dtype=v.dtype, device="cuda") for k, v in state.items()}
+    rx = RefitReceiver(target, "zmq", device="cuda")
+    done: list[object] = []
+    th = threading.Thread(target=lambda: done.append(rx.receive(timeout=60)))
+    th.start()
+    with Refitter("zmq", peers=[rx.info()["address"]], bucket_bytes=8192, timeout=60) as r:
+        r.push({"w": state["w"]}, {"s": state["s"]})
+    th.join(timeout=60)
+    rx.close()
+    assert done and all(same_bits(target[k], v) for k, v in state.items())
