@@ -103,7 +103,8 @@ def _receiver(conn: Any, spec: Spec, mode: str, device: str) -> None:
 
         rx = RefitReceiver(targets, "cuda_ipc", device=device, name="bench-rx")
         conn.send_bytes(msgpack.packb(rx.info()))
-        worker = threading.Thread(target=rx.serve, kwargs={"poll": 0.05}, daemon=True)
+        # poll also bounds every wait inside a push: generous, so a slow first push is not cut off
+        worker = threading.Thread(target=rx.serve, kwargs={"poll": 2.0}, daemon=True)
         worker.start()
         conn.recv_bytes()  # stop
         rx.stop()

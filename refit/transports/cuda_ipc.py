@@ -93,7 +93,8 @@ class CudaIpcSender(Sender):
         peers: each receiver's ``info()`` dict (preferred: it carries the GPU UUID and the
             receiver's events) or bare control address.
         timeout: seconds any wait for a receiver may take.
-        device: ``"auto"`` (the current CUDA device, else shared memory), ``"cuda:N"`` or ``"cpu"``.
+        device: ``"auto"`` (the current CUDA device; shared memory without CUDA or when every
+            receiver's info reports no GPU), ``"cuda:N"`` or ``"cpu"``.
         sync: ``"auto"`` (``event`` when every peer's info carries events and lives in another
             process, else ``stream``), ``"event"`` or ``"stream"``; see the module docstring.
         num_buffers: buckets shared by the first push; later pushes use what the driver asked
@@ -120,6 +121,8 @@ class CudaIpcSender(Sender):
             addresses = [str(i["address"]) for i in infos]
         except KeyError:
             raise TransportError(f"cuda_ipc receivers must report an 'address'; got {infos!r:.200}") from None
+        if str(device) == "auto" and infos and all(i.get("uuid") == "" for i in infos):
+            device = "cpu"  # every receiver reported no GPU: share host memory
         self.device = _device(device)
         self.kind = Kind.CUDA if self.device.type == "cuda" else Kind.SHM
         self.place = _place(self.device)

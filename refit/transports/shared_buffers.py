@@ -319,9 +319,12 @@ class SharedBuffers:
         self.tensors, self.events = [], []
         if self._ptrs:
             rt = _runtime()
+            import cupy
+
             torch.cuda.synchronize(self.device)  # no pack kernel of ours may still write them
-            for ptr in self._ptrs:
-                cuda_call("cudaFree", rt.free, ptr)
+            with cupy.cuda.Device(cuda_index(self.device)):
+                for ptr in self._ptrs:
+                    cuda_call("cudaFree", rt.free, ptr)
             self._ptrs = []
         for path in self._paths:
             with contextlib.suppress(FileNotFoundError):
@@ -393,10 +396,8 @@ class MappedBuffers:
                 ptr = cuda_call("cudaIpcOpenMemHandle", rt.ipcOpenMemHandle, handle, rt.cudaIpcMemLazyEnablePeerAccess)
                 self._opened.append(ptr)
                 self.tensors.append(device_tensor(ptr, offer.capacity, self.device))
-            if offer.sync is Sync.EVENT:
-                if offer.events is None:
-                    raise TransportError("the sender asked for event sync but sent no events")
-                self.events = [torch.cuda.Event.from_ipc_handle(self.device, h) for h in offer.events]
+            # Opened whatever the sync mode: cheap, and the set stays usable if the mode changes.
+            self.events = [torch.cuda.Event.from_ipc_handle(self.device, h) for h in offer.events or ()]
 
     def _open_shm(self, offer: Offer) -> None:
         for name in offer.buffers or ():
@@ -414,7 +415,10 @@ class MappedBuffers:
         self.tensors, self.events = [], []
         if self._opened:
             rt = _runtime()
+            import cupy
+
             torch.cuda.synchronize(self.device)  # no copy of ours may still read them
-            for ptr in self._opened:
-                cuda_call("cudaIpcCloseMemHandle", rt.ipcCloseMemHandle, ptr)
+            with cupy.cuda.Device(cuda_index(self.device)):
+                for ptr in self._opened:
+                    cuda_call("cudaIpcCloseMemHandle", rt.ipcCloseMemHandle, ptr)
             self._opened = []

@@ -216,7 +216,6 @@ def test_hundred_pushes_bit_exact_no_growth(conf: str, sync: str, num_buffers: i
         first, tenth, last = side["mem"]
         assert last["reserved"] == tenth["reserved"], side["mem"]  # no growth of torch's pool
         assert abs(last["free"] - tenth["free"]) <= 32 << 20, side["mem"]  # nor outside it (IPC maps)
-    assert sent["freed"] >= num_buffers * BUCKET  # close() freed the buckets
 
 
 def test_other_gpu_is_refused_with_a_clear_error() -> None:
