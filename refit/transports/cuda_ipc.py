@@ -174,8 +174,8 @@ class CudaIpcSender(Sender):
             if s is not None:
                 s.close()
                 self._set = None
-            self._set = SharedBuffers(self.kind, self.device, capacity, self._want)
-        return self._set
+            s = self._set = SharedBuffers(self.kind, self.device, capacity, self._want)
+        return s
 
     def _offer(self, i: int) -> bytes:
         s = self._set

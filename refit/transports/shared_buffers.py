@@ -103,7 +103,8 @@ def cuda_call(what: str, fn: Callable[..., T], *args: Any) -> T:
         return fn(*args)
     except rt.CUDARuntimeError as exc:
         status = getattr(exc, "status", None)
-        raise TransportError(f"CUDA {what} failed: {exc}{_HINTS.get(status, '')}") from None
+        hint = _HINTS.get(status, "") if isinstance(status, int) else ""
+        raise TransportError(f"CUDA {what} failed: {exc}{hint}") from None
 
 
 class _DeviceMemory:
@@ -158,7 +159,7 @@ class Offer:
     capacity: int
     count: int
     sync: Sync
-    buffers: tuple[bytes, ...] | tuple[str, ...] | None
+    buffers: tuple[bytes | str, ...] | None
     events: tuple[bytes, ...] | None
 
     def encode(self) -> bytes:
@@ -180,10 +181,17 @@ class Offer:
         )
 
 
-def _field(d: dict[str, Any], key: str, kind: type, lo: int = 0, hi: int = (1 << 63) - 1) -> Any:
+def _int(d: dict[str, Any], key: str, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
     v = d.get(key)
-    if type(v) is not kind or (kind is int and not lo <= v <= hi) or (kind is str and len(v) > 256):
-        raise WireError(f"field 'extra.{key}': expected {kind.__name__}" + (f" in [{lo}, {hi}]" if kind is int else ""))
+    if type(v) is not int or not lo <= v <= hi:
+        raise WireError(f"field 'extra.{key}': expected an int in [{lo}, {hi}]")
+    return v
+
+
+def _str(d: dict[str, Any], key: str) -> str:
+    v = d.get(key)
+    if type(v) is not str or len(v) > 256:
+        raise WireError(f"field 'extra.{key}': expected a string of at most 256 characters")
     return v
 
 
@@ -200,11 +208,11 @@ def decode_offer(data: bytes) -> Offer:
     if type(d) is not dict or d.get("v") != 1:
         raise WireError("field 'extra': not a cuda_ipc offer (version 1); is the sender using transport 'cuda_ipc'?")
     try:
-        kind, sync = Kind(d.get("kind")), Sync(d.get("sync"))
+        kind, sync = Kind(str(d.get("kind"))), Sync(str(d.get("sync")))
     except ValueError:
         raise WireError(f"field 'extra.kind' / 'extra.sync': expected one of {list(Kind)} / {list(Sync)}") from None
-    count = _field(d, "count", int, 1, MAX_BUFFERS)
-    buffers: tuple[bytes, ...] | tuple[str, ...] | None = None
+    count = _int(d, "count", 1, MAX_BUFFERS)
+    buffers: tuple[bytes | str, ...] | None = None
     events: tuple[bytes, ...] | None = None
     raw = d.get("buffers")
     if raw is not None:
@@ -225,11 +233,11 @@ def decode_offer(data: bytes) -> Offer:
             events = tuple(ev)
     return Offer(
         kind=kind,
-        sender=_field(d, "sender", int),
-        set_id=_field(d, "set", int),
-        pid=_field(d, "pid", int, 0, 1 << 32),
-        place=_field(d, "place", str),
-        capacity=_field(d, "capacity", int, 1, 1 << 44),
+        sender=_int(d, "sender"),
+        set_id=_int(d, "set"),
+        pid=_int(d, "pid", 0, 1 << 32),
+        place=_str(d, "place"),
+        capacity=_int(d, "capacity", 1, 1 << 44),
         count=count,
         sync=sync,
         buffers=buffers,
@@ -265,7 +273,7 @@ class SharedBuffers:
         self.kind, self.device, self.capacity, self.count = kind, device, capacity, count
         self.set_id = secrets.randbits(62)
         self.tensors: list[torch.Tensor] = []
-        self.handles: list[bytes] | list[str] = []
+        self.handles: list[bytes | str] = []
         self.events: list[torch.cuda.Event] = []
         self._ptrs: list[int] = []
         self._paths: list[str] = []
@@ -280,7 +288,7 @@ class SharedBuffers:
         rt = _runtime()
         import cupy
 
-        handles: list[bytes] = []
+        handles: list[bytes | str] = []
         with cupy.cuda.Device(cuda_index(self.device)), torch.cuda.device(self.device):
             for _ in range(self.count):
                 ptr = cuda_call("cudaMalloc", rt.malloc, self.capacity)
@@ -293,7 +301,7 @@ class SharedBuffers:
         self.handles = handles
 
     def _allocate_shm(self) -> None:
-        names: list[str] = []
+        names: list[bytes | str] = []
         tag = f"refit_{os.getpid():x}_{secrets.token_hex(6)}"
         for i in range(self.count):
             name = f"{tag}_{i}"
@@ -400,8 +408,8 @@ class MappedBuffers:
             self.events = [torch.cuda.Event.from_ipc_handle(self.device, h) for h in offer.events or ()]
 
     def _open_shm(self, offer: Offer) -> None:
-        for name in offer.buffers or ():
-            path = os.path.join(_SHM_DIR, str(name))
+        for name in [n for n in offer.buffers or () if isinstance(n, str)]:
+            path = os.path.join(_SHM_DIR, name)
             try:
                 size = os.stat(path).st_size  # never let from_file create a missing segment
             except OSError as exc:
