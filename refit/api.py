@@ -73,6 +73,7 @@ class Refitter:
             self.sender = module.Transport(**options)  # type: ignore[attr-defined]
         self.transport = transport if isinstance(transport, str) else type(transport).__name__
         self.bucket_bytes, self.alignment, self.num_buffers = bucket_bytes, alignment, num_buffers
+        self.sender.configure(bucket_bytes, num_buffers)
         self.progress = progress
         self._versions = itertools.count(1)
         self._last: tuple[list[PlanEntry], Manifest] | None = None

@@ -223,14 +223,15 @@ def test_buffer_set_changes_are_followed(thread_receiver: tuple[RefitReceiver, d
     sender = CudaIpcSender([rx.info()], num_buffers=2)
     state, scales = make_state(9)
     small = {k: v for k, v in state.items() if v.numel() * v.element_size() < 1000}
-    r = Refitter(sender, bucket_bytes=1 << 20, num_buffers=3)
+    r = Refitter(sender, bucket_bytes=1 << 20, num_buffers=3)  # configure() sizes the first set
     r.push(small, scales)
     first = sender._set
-    assert first is not None and first.count == 2 and first.capacity == 1 << 20
-    r.push(state, scales)  # the driver asked for 3 buffers: a new set, the old one unlinked
+    assert first is not None and first.count == 3 and first.capacity == 1 << 20
+    r = Refitter(sender, bucket_bytes=1 << 20, num_buffers=2)  # another driver asks for 2: a new set, the old one unlinked
+    r.push(state, scales)
     second = sender._set
-    assert second is not None and second.count == 3 and second.set_id != first.set_id
-    assert len(refit_segments(os.getpid())) == 3
+    assert second is not None and second.count == 2 and second.set_id != first.set_id
+    assert len(refit_segments(os.getpid())) == 2
     r.push(state, scales)
     t.join(30)
     r.close()

@@ -45,6 +45,10 @@ class Sender(ABC):
     #: device of the staging buffers (pack copies land here)
     device: torch.device = torch.device("cpu")
 
+    def configure(self, bucket_bytes: int, num_buffers: int) -> None:
+        """The push options, told once before the first handshake (transports that share their
+        staging buffers at handshake allocate them to this size)."""
+
     @abstractmethod
     def handshake(self, manifest: Manifest, version: int) -> None:
         """Offer the manifest to every receiver; return when all accepted.

@@ -205,9 +205,11 @@ class CudaIpcSender(Sender):
             raise
         self._peer_set = [s.set_id] * len(self._peer_set)
 
+    def configure(self, bucket_bytes: int, num_buffers: int) -> None:
+        self._want = num_buffers
+
     def buffers(self, bucket_bytes: int, num_buffers: int) -> list[torch.Tensor]:
-        """The shared buckets of this push (possibly fewer than ``num_buffers`` on the first
-        push: the count is fixed by the handshake; the next push shares ``num_buffers``)."""
+        """The shared buckets of this push (shared at handshake, ``configure``'s count)."""
         self._want = num_buffers
         if self._set is None:
             raise TransportError("cuda_ipc: buffers() before handshake()")
