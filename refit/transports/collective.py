@@ -303,7 +303,9 @@ class GlooCommunicator(Communicator):
         self.name = f"gloo group {rdv.group} (rank {rank} of {rdv.world})"
         if host is None:
             host = rdv.host if rdv.host in ("127.0.0.1", "localhost", "::1") else None
-        opts = ProcessGroupGloo._Options()
+        # _Options (what torch's own distributed_c10d uses) is the only way to pick the device,
+        # i.e. the address gloo listens on; the public overload takes the host's default one.
+        opts = ProcessGroupGloo._Options()  # type: ignore[attr-defined]
         opts._timeout = _td(rdv.timeout)
         opts._devices = [ProcessGroupGloo.create_device(hostname=host) if host else ProcessGroupGloo.create_default_device()]
         try:
