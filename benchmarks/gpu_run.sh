@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Everything that needs the GPU machine, in one call (device time is scarce):
+#   gpu-tier tests, then the benchmarks, logs and JSON under $OUT.
+# Usage on the device machine (repo root, .whl carried): bash benchmarks/gpu_run.sh [1|2|all]
+# Part 1 (tests, local and cuda_ipc benchmarks) and part 2 (the rest) each fit one 10-minute call.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, cupy; print('torch', torch.__version__, 'cupy', cupy.__version__)" | tee -a "$OUT/gpu.txt"
+step() { echo; echo "=== $1"; shift; timeout "$@"; echo "=== rc=$?"; }
+part=${1:-all}
+if [ "$part" != 2 ]; then
+step "gpu tests" 240 python3 -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+step "refit bench local llama-8b cuda" 100 python3 -m refit.cli bench --transport local --shape llama-8b --device cuda --bucket-bytes 1073741824 --json "$OUT/bench_local.json" 2>&1 | tail -5
+step "cuda_ipc llama-8b" 240 python3 benchmarks/bench_cuda_ipc.py --json "$OUT/bench_cuda_ipc.json" 2>&1 | tail -40
+fi
+if [ "$part" != 1 ]; then
+step "scales cuda" 60 python3 benchmarks/bench_scales.py --device cuda --json "$OUT/bench_scales_cuda.json" 2>&1 | tail -10
+step "scales cpu (16 cores)" 60 python3 benchmarks/bench_scales.py --device cpu --json "$OUT/bench_scales_cpu16.json" 2>&1 | tail -10
+step "zmq 2 GiB (16 cores)" 180 python3 benchmarks/bench_zmq.py --gib 2 --bucket-mib 64 --bucket-mib 256 --json "$OUT/bench_zmq16.json" 2>&1 | tail -6
+fi
