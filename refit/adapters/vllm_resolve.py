@@ -137,7 +137,8 @@ class _Shadow:
                 continue
             params, buffers = self._model_format(mod)
             for attr, t in {**params, **buffers}.items():
-                self._record(qual, attr, t, mod)
+                if t is not None:
+                    self._record(qual, attr, t, mod)
             self.tensors[id(mod)] = (params, buffers)
 
     @staticmethod
@@ -145,13 +146,13 @@ class _Shadow:
         # vLLM recorded each layer's checkpoint-format tensors (as meta tensors) when it built
         # the model; live tensors may since have been repacked (CPU: empty [0] weights) or
         # deleted (consumed k_scale parameters). Tensors created later are taken live.
-        live_p = {n: p for n, p in mod._parameters.items() if p is not None}
-        live_b = {n: b for n, b in mod._buffers.items() if b is not None}
         rec_p, rec_b = get_layerwise_info(mod).restore_metadata
-        params = {n: _meta_like(t) for n, t in {**live_p, **rec_p}.items()}
-        buffers = {n: _meta_like(t) for n, t in {**live_b, **rec_b}.items()}
+        # None entries stay None (e.g. an unused `_expert_map`): loaders test for them.
+        params = {n: None if t is None else _meta_like(t) for n, t in {**mod._parameters, **rec_p}.items()}
+        buffers = {n: None if t is None else _meta_like(t) for n, t in {**mod._buffers, **rec_b}.items()}
         for t in (*params.values(), *buffers.values()):
-            restore_layer_refs(t, mod)  # re-bind loaders vLLM detached from the layer
+            if t is not None:
+                restore_layer_refs(t, mod)  # re-bind loaders vLLM detached from the layer
         return params, buffers
 
     def _record(self, qual: str, attr: str, t: torch.Tensor, mod: torch.nn.Module) -> None:
@@ -192,7 +193,7 @@ class _Shadow:
         """Elements vLLM's layer-wise reload waits for before it processes ``module``."""
         mod = self.model.get_submodule(module)
         params, buffers = self.tensors[id(mod)]
-        return sum(getattr(t, "weight_loader_numel", t.numel()) for n, t in {**params, **buffers}.items() if n not in SKIP_LOAD_TENSORS)
+        return sum(getattr(t, "weight_loader_numel", t.numel()) for n, t in {**params, **buffers}.items() if t is not None and n not in SKIP_LOAD_TENSORS)
 
 
 class VllmResolver:
@@ -216,9 +217,11 @@ class VllmResolver:
         self._kv_values: dict[tuple[str, str], torch.Tensor] = {}  # (attention module, "_k_scale") -> value
         self._reloading = False
         self._missing = [n.rstrip(".") for n in get_pp_missing_layer_names(model)]  # vLLM keeps a trailing dot
-        named = list(model.named_parameters(remove_duplicate=False))
         first: dict[int, str] = {}
-        self._aliases = {n: first.setdefault(id(p), n) for n, p in named if first.get(id(p), n) != n}
+        self._aliases: dict[str, str] = {}  # tied name -> the first name of the same parameter
+        for n, p in model.named_parameters(remove_duplicate=False):
+            if first.setdefault(id(p), n) != n:
+                self._aliases[n] = first[id(p)]
 
     # ---------------------------------------------------------------- resolution
 
@@ -247,15 +250,24 @@ class VllmResolver:
         remote = self._remote(name, shape, dtype)
         if remote is not None:
             return remote, []
+        if self._is_tied_output(name, shape, probe):
+            # The output embedding of a tied model: vLLM's loader skips it on purpose (it shares
+            # the input embedding), and so do we; the input embedding's name carries the value.
+            return Resolution(Placement.LOCAL, load=lambda t: None, key=name), []
         if probe.error:
             return Resolution(Placement.UNKNOWN, key=name, problem=f"{name}: {probe.error}"), []
-        if name in self._aliases:
-            canonical = self._probe(self._aliases[name], shape, dtype)
-            if canonical.hits and not canonical.error:
-                # A tied alias (lm_head.weight of a tied model): vLLM skips it on load, and so
-                # do we; the canonical name carries the value.
-                return Resolution(Placement.LOCAL, load=lambda t: None, key=name), []
         return Resolution(Placement.UNKNOWN, key=name, problem=f"{name}: no parameter of this model takes it{self._suggest(name)}"), []
+
+    def _is_tied_output(self, name: str, shape: tuple[int, ...], probe: _Probe) -> bool:
+        if name in self._aliases:
+            canonical = self._probe(self._aliases[name], shape, torch.float32)
+            return bool(canonical.hits) and not canonical.error
+        # HF's state_dict() of a tied model also lists its output embedding, a top-level module
+        # (lm_head, embed_out, output); vLLM may skip that name or not build the module at all.
+        cfg = getattr(getattr(self.vllm_config, "model_config", None), "hf_text_config", None)
+        if not getattr(cfg, "tie_word_embeddings", False) or name.count(".") != 1 or not name.endswith(".weight"):
+            return False
+        return tuple(shape) == (getattr(cfg, "vocab_size", -1), getattr(cfg, "hidden_size", -1))
 
     def _probe(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> _Probe:
         self._shadow.hits.clear()
