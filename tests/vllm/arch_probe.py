@@ -99,7 +99,10 @@ def checkpoint_state(cls: Any, cfg: Any, d: str) -> dict[str, tuple[tuple[int, .
     return state
 
 
-def build_vllm(model_dir: str, port: int) -> tuple[Any, Any]:
+def build_vllm(model_dir: str, port: int, *, dtype: str = "float32", process: bool = True, **engine_args: Any) -> tuple[Any, Any]:
+    """A vLLM model built as an engine's worker would (TP=1), without an engine.
+
+    ``process=False`` skips the post-load steps (FP8 models: this CPU has no FP8 kernels)."""
     from vllm.model_executor.models import registry
 
     # vLLM inspects each model class in a fresh subprocess (~10 s) to keep CUDA out of the
@@ -110,14 +113,16 @@ def build_vllm(model_dir: str, port: int) -> tuple[Any, Any]:
     from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.model_loader.utils import initialize_model, process_weights_after_loading
 
-    args = EngineArgs(model=model_dir, load_format="dummy", skip_tokenizer_init=True, enforce_eager=True, dtype="float32", max_model_len=128, seed=0)
+    args = EngineArgs(model=model_dir, load_format="dummy", skip_tokenizer_init=True, enforce_eager=True, dtype=dtype, max_model_len=128, seed=0, **engine_args)
     cfg = args.create_engine_config()
     with set_current_vllm_config(cfg):
         if not parallel_state.model_parallel_is_initialized():
+            port = port or free_port()
             parallel_state.init_distributed_environment(world_size=1, rank=0, local_rank=0, distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo")
             parallel_state.initialize_model_parallel(1, 1)
         model = initialize_model(vllm_config=cfg)
-        process_weights_after_loading(model, cfg.model_config, torch.device("cpu"))
+        if process:
+            process_weights_after_loading(model, cfg.model_config, torch.device("cpu"))
     return model, cfg
 
 
@@ -162,13 +167,17 @@ def probe(arch: str, port: int) -> dict[str, Any]:
         return {"arch": arch, "status": "fail", "why": traceback.format_exc().splitlines()[-1][:300]}
 
 
-def main() -> None:
-    out, archs = sys.argv[1], sys.argv[2:]
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return int(s.getsockname()[1])
+
+
+def main() -> None:
+    out, archs = sys.argv[1], sys.argv[2:]
+    port = free_port()
     results = []
     for arch in archs:
         results.append(probe(arch, port))
