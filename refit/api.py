@@ -111,7 +111,8 @@ class Refitter:
             self.sender.handshake(manifest, v)
             t2 = time.perf_counter()
             try:
-                stages = stream(self.sender, manifest, got.sources, num_buffers=self.num_buffers, progress=self.progress, blocks=got.blocks)
+                with torch.no_grad():  # sources may require grad (parameters); packing is not part of any graph
+                    stages = stream(self.sender, manifest, got.sources, num_buffers=self.num_buffers, progress=self.progress, blocks=got.blocks)
                 t3 = time.perf_counter()
                 receivers = self.sender.finish()
             except BaseException as exc:

@@ -19,10 +19,13 @@ from dataclasses import dataclass
 import torch
 
 from refit.errors import PlanError, problem_list
-from refit.meta import Role, TensorMeta, dtype_name
+from refit.meta import DTYPE_NAMES, Role, TensorMeta, dtype_name
 from refit.pack import Lazy
 from refit.plan import PlanEntry
 from refit.scales import MIN_RUN, amax_mask, run_problems, value_problem
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_STRIDED = torch.strided
 
 StateLike = Mapping[str, "torch.Tensor | Lazy"] | Iterable[tuple[str, "torch.Tensor | Lazy"]]
 
@@ -109,12 +112,14 @@ class Collector:
             elif isinstance(value, Lazy):
                 sources[name] = value
                 entries.append(PlanEntry(name, value.shape, value.dtype, Role.WEIGHT))
+            elif type(value) in _PLAIN and value.dtype in DTYPE_NAMES and value.layout == _STRIDED and not value.is_meta:
+                sources[name] = value  # fast path: a dense tensor of a dtype that travels (pack copies under no_grad)
+                entries.append(PlanEntry(name, value.shape, value.dtype, Role.WEIGHT))
             elif bad := _check_tensor(name, value):
                 problems.append(bad)
             else:
-                t = value.detach()  # type: ignore[union-attr]
-                sources[name] = t
-                entries.append(PlanEntry(name, tuple(t.shape), t.dtype, Role.WEIGHT))
+                sources[name] = value  # type: ignore[assignment]
+                entries.append(PlanEntry(name, value.shape, value.dtype, Role.WEIGHT))  # type: ignore[union-attr]
         if problems:
             raise PlanError("invalid push input; nothing was sent:\n" + problem_list(problems))
         return Collected(entries, sources, blocks)

@@ -40,13 +40,13 @@ _DTYPE_NAMES = (
     "float4_e2m1fn_x2",
 )
 DTYPES: dict[str, torch.dtype] = {n: getattr(torch, n) for n in _DTYPE_NAMES if isinstance(getattr(torch, n, None), torch.dtype)}
-_NAMES_BY_DTYPE: dict[torch.dtype, str] = {d: n for n, d in DTYPES.items()}
+DTYPE_NAMES: dict[torch.dtype, str] = {d: n for n, d in DTYPES.items()}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     """Wire name of ``dtype``; raises :class:`PlanError` for a dtype that cannot travel."""
     try:
-        return _NAMES_BY_DTYPE[dtype]
+        return DTYPE_NAMES[dtype]
     except KeyError:
         raise PlanError(
             f"dtype {dtype} cannot travel; supported: {', '.join(sorted(DTYPES))}. Convert the tensor (e.g. .to(torch.float32)) before pushing."

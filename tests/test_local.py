@@ -175,3 +175,10 @@ def test_unknown_transport_and_options() -> None:
         Refitter("local", target={}, num_buffers=0)
     with pytest.raises(refit.RefitError, match="needs target"):
         Refitter("local")
+
+
+def test_parameters_that_require_grad_push_as_is() -> None:
+    src, dst = torch.nn.Linear(300, 300), torch.nn.Linear(300, 300)
+    Refitter("local", target=dst, bucket_bytes=65536).push(dict(src.named_parameters()))  # chunked weight
+    assert same_bits(dst.weight.data, src.weight.data) and same_bits(dst.bias.data, src.bias.data)
+    assert dst.weight.requires_grad and dst.weight.grad_fn is None

@@ -360,6 +360,13 @@ class _NcclHandle(Handle):
         self.comm.raise_if_failed(self.what)
 
 
+def _new_comm(nccl: Any, world: int, unique_id: bytes, rank: int) -> Any:
+    try:  # CuPy 14 takes the unique id as bytes
+        return nccl.NcclCommunicator(world, unique_id, rank)
+    except TypeError:  # older CuPy: a tuple of signed chars
+        return nccl.NcclCommunicator(world, tuple(b - 256 if b > 127 else b for b in unique_id), rank)
+
+
 class NcclCommunicator(Communicator):
     """A CuPy ``NcclCommunicator`` with its own stream and a timeout watchdog."""
 
@@ -376,11 +383,10 @@ class NcclCommunicator(Communicator):
         self.name = f"NCCL group {rdv.group} (rank {rank} of {rdv.world})"
         self.device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
         _barrier(store, "init", rdv.world, rdv.timeout, self.name)
-        uid = tuple(b - 256 if b > 127 else b for b in rdv.unique_id)  # CuPy wants signed chars
         import cupy
 
         with cupy.cuda.Device(self.device.index):
-            self.comm: Any = nccl_check(f"communicator init ({self.name})", nccl.NcclCommunicator, rdv.world, uid, rank)
+            self.comm: Any = nccl_check(f"communicator init ({self.name})", _new_comm, nccl, rdv.world, rdv.unique_id, rank)
         self.stream = torch.cuda.Stream(self.device)
         self._lock = threading.Lock()
         self._armed: list[tuple[torch.cuda.Event, float, str]] = []
