@@ -16,7 +16,7 @@ import torch
 
 from refit.errors import ResolveError, TornStateError, problem_list
 from refit.meta import Manifest, Role, TensorMeta
-from refit.pack import bucket_view, chunk_of, copy_many
+from refit.pack import CopyPlan, bucket_view, chunk_of, copy_many
 from refit.report import RefitReport
 from refit.resolve import Placement, Resolution, Resolver
 from refit.scales import amax_mask, run_problems, run_view, segments, value_problem
@@ -44,6 +44,59 @@ class _Run:
 
 
 Step = _One | _Run
+
+
+class _BucketPlan:
+    """Everything ``apply`` does with one bucket of one layout: views, scale checks, copies.
+
+    Built per bucket, or once per layout and staging buffer when the buffer is persistent.
+    """
+
+    def __init__(self, steps: list[Step], bucket: torch.Tensor) -> None:
+        self.checks: list[tuple[Step, torch.Tensor]] = []  # scales to validate
+        self.runs: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+        self.loads: list[tuple[_One, torch.Tensor]] = []
+        dsts: list[torch.Tensor] = []
+        srcs: list[torch.Tensor] = []
+        self.applied = self.remote = 0
+        for step in steps:
+            if isinstance(step, _Run):
+                v = run_view(bucket, step.metas)
+                if step.scale:
+                    self.checks.append((step, v))
+                if step.device == v.device:  # same dtype and device: one multi-tensor copy
+                    self.runs.append((step.dests, list(v.unbind())))
+                else:
+                    dsts += step.dests
+                    srcs += v.unbind()
+                self.applied += len(step.dests)
+                continue
+            meta, res = step.meta, step.res
+            v = bucket_view(bucket, meta)
+            last = meta.chunk == meta.chunks - 1
+            if meta.role is Role.SCALE:
+                self.checks.append((step, v))
+            if res.placement is Placement.REMOTE:
+                self.remote += last
+                continue
+            self.applied += last
+            if step.dest is not None:
+                dsts.append(step.dest)
+                srcs.append(v)
+            else:
+                self.loads.append((step, v))
+        self.local = bool(dsts or self.runs or self.loads)
+        self.to_cuda = any(d.is_cuda for d in dsts)
+        self.copies = CopyPlan(dsts, srcs)
+
+    def scale_problems(self) -> list[str]:
+        bad: list[str] = []
+        for step, v in self.checks:
+            if isinstance(step, _Run):
+                bad += run_problems([m.name for m in step.metas], v, step.amax)
+            elif p := value_problem(step.meta.name, v):
+                bad.append(p)
+        return bad
 
 
 def _bucket_steps(metas: list[TensorMeta], resolutions: list[Resolution]) -> list[Step]:
@@ -97,6 +150,7 @@ class Loader:
         self._push: _Push | None = None
         self._layouts: dict[str, Manifest] = {}
         self._prepared: tuple[str, list[list[Step]], int] | None = None  # digest, steps, local entries
+        self._bucket_plans: dict[tuple[int, int, int, torch.device], _BucketPlan] = {}  # for persistent buffers
 
     def knows(self, digest: str) -> Manifest | None:
         """The manifest of a layout this loader has accepted before, by digest."""
@@ -126,6 +180,7 @@ class Loader:
             if problems:
                 return problems
             cached = self._prepared = (manifest.digest, steps, local)
+            self._bucket_plans.clear()
         self._push = _Push(version, manifest, cached[1], t0)
         self._push.seconds["resolve"] = time.perf_counter() - t0
         self._layouts[manifest.digest] = manifest
@@ -134,6 +189,7 @@ class Loader:
     def invalidate(self) -> None:
         """Forget cached resolutions (call when the target's tensors were re-created)."""
         self._prepared = None
+        self._bucket_plans.clear()
 
     def _resolve(self, manifest: Manifest) -> tuple[list[str], list[list[Step]], int]:
         problems: list[str] = []
@@ -173,11 +229,13 @@ class Loader:
     def active(self) -> bool:
         return self._push is not None
 
-    def apply(self, index: int, bucket: torch.Tensor) -> None:
+    def apply(self, index: int, bucket: torch.Tensor, *, persistent: bool = False) -> None:
         """Apply bucket ``index`` (a 1-D uint8 tensor holding at least its bytes).
 
         Scales in the bucket are validated before anything of it is applied (scales are
-        planned first, so normally before any weight).
+        planned first, so normally before any weight). ``persistent=True`` says ``bucket`` is
+        a staging buffer reused across pushes: its views and copy plan are then built once per
+        layout and kept (they hold a reference to the buffer).
 
         Raises:
             ResolveError: a scale in this bucket is invalid (the push is aborted; torn if an
@@ -188,52 +246,34 @@ class Loader:
             self.abort(f"bucket {index} arrived, expected {push.next_bucket}")
             raise ResolveError(f"{self.name}: bucket {index} arrived out of order (expected {push.next_bucket})")
         t0 = time.perf_counter()
-        steps = push.plan[index]
-        views: list[torch.Tensor] = []
-        bad: list[str] = []
-        for step in steps:
-            if isinstance(step, _Run):
-                v = run_view(bucket, step.metas)
-                if step.scale:
-                    bad += run_problems([m.name for m in step.metas], v, step.amax)
-            else:
-                v = bucket_view(bucket, step.meta)
-                if step.meta.role is Role.SCALE and (p := value_problem(step.meta.name, v)):
-                    bad.append(p)
-            views.append(v)
+        key = (index, bucket.data_ptr(), bucket.numel(), bucket.device)
+        plan = self._bucket_plans.get(key) if persistent else None
+        if plan is None:
+            plan = _BucketPlan(push.plan[index], bucket)
+            if persistent:
+                self._bucket_plans[key] = plan
+        bad = plan.scale_problems()
         if bad:
             self.abort("invalid scales")
             raise ResolveError(f"{self.name} refused bucket {index}:\n" + problem_list(bad), bad)
-        dsts: list[torch.Tensor] = []
-        srcs: list[torch.Tensor] = []
-        for step, view in zip(steps, views):
-            if isinstance(step, _Run):
-                self.torn = True  # from here on the target may hold mixed data
-                if step.device == view.device:  # same dtype, same device: one multi-tensor copy
-                    torch._foreach_copy_(step.dests, view.unbind())
-                else:
-                    copy_many(step.dests, view.unbind(), non_blocking=view.device.type == "cpu")
-                push.applied += len(step.dests)
+        if plan.local:
+            self.torn = True  # from here on the target may hold mixed data
+        plan.copies.run(non_blocking=bucket.device.type == "cpu" and plan.to_cuda)
+        for dests, srcs in plan.runs:
+            torch._foreach_copy_(dests, srcs)
+        for step, view in plan.loads:
+            meta, load = step.meta, step.res.load
+            if load is None:  # invariant: prepare gives LOCAL entries a buffer or a loader
+                raise ResolveError(f"{meta.name}: no buffer and no loader")
+            if not meta.is_chunked:
+                load(view)
                 continue
-            meta, res = step.meta, step.res
-            last = meta.chunk == meta.chunks - 1
-            if res.placement is Placement.REMOTE:
-                push.remote += last
-                continue
-            self.torn = True
-            push.applied += last
-            if step.dest is not None:
-                dsts.append(step.dest)
-                srcs.append(view)
-            elif res.load is not None:
-                if not meta.is_chunked:
-                    res.load(view)
-                    continue
-                whole = push.staging.setdefault(meta.name, torch.empty(meta.shape, dtype=meta.dtype, device=bucket.device))
-                copy_many([chunk_of(whole, meta)], [view])
-                if last:
-                    res.load(push.staging.pop(meta.name))
-        copy_many(dsts, srcs, non_blocking=bucket.device.type == "cpu" and any(d.is_cuda for d in dsts))
+            whole = push.staging.setdefault(meta.name, torch.empty(meta.shape, dtype=meta.dtype, device=bucket.device))
+            copy_many([chunk_of(whole, meta)], [view])
+            if meta.chunk == meta.chunks - 1:
+                load(push.staging.pop(meta.name))
+        push.applied += plan.applied
+        push.remote += plan.remote
         push.next_bucket += 1
         push.seconds["apply"] = push.seconds.get("apply", 0.0) + time.perf_counter() - t0
 

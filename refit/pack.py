@@ -85,28 +85,41 @@ def chunk_of(t: torch.Tensor, meta: TensorMeta) -> torch.Tensor:
     return t.reshape(-1)[first : first + meta.nbytes // size]
 
 
-def copy_many(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], non_blocking: bool = False) -> None:
-    """Copy ``srcs[i]`` into ``dsts[i]`` bit for bit (same shapes, same element sizes).
+class CopyPlan:
+    """Bit-exact copies ``srcs[i] -> dsts[i]`` (same shapes, same element sizes), grouped once.
 
-    Large tensors use one ``copy_`` each; the rest one ``_foreach_copy_`` per device pair.
+    Large tensors get one ``copy_`` each; the rest one ``_foreach_copy_`` per device pair. A
+    plan over persistent buffers can be built once and run for every push.
     """
-    small: dict[tuple[torch.device, torch.device], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-    for d, s in zip(dsts, srcs, strict=True):
-        if d.numel() == 0:
-            continue
-        rd, rs = raw(d), raw(s)
-        if d.numel() * d.element_size() >= LARGE_COPY_BYTES or rd.shape != rs.shape:
-            rd.copy_(rs.reshape(rd.shape), non_blocking=non_blocking)
-        else:
-            pair = small.setdefault((d.device, s.device), ([], []))
-            pair[0].append(rd)
-            pair[1].append(rs)
-    for (dev_d, dev_s), (ds, ss) in small.items():
-        if dev_d == dev_s:
-            torch._foreach_copy_(ds, ss)
-        else:
-            for d, s in zip(ds, ss, strict=True):
-                d.copy_(s, non_blocking=non_blocking)
+
+    def __init__(self, dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor]) -> None:
+        self.large: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.small: dict[tuple[torch.device, torch.device], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for d, s in zip(dsts, srcs, strict=True):
+            if d.numel() == 0:
+                continue
+            rd, rs = raw(d), raw(s)
+            if d.numel() * d.element_size() >= LARGE_COPY_BYTES or rd.shape != rs.shape:
+                self.large.append((rd, rs.reshape(rd.shape)))
+            else:
+                pair = self.small.setdefault((d.device, s.device), ([], []))
+                pair[0].append(rd)
+                pair[1].append(rs)
+
+    def run(self, non_blocking: bool = False) -> None:
+        for d, s in self.large:
+            d.copy_(s, non_blocking=non_blocking)
+        for (dev_d, dev_s), (ds, ss) in self.small.items():
+            if dev_d == dev_s:
+                torch._foreach_copy_(ds, ss)
+            else:
+                for d, s in zip(ds, ss, strict=True):
+                    d.copy_(s, non_blocking=non_blocking)
+
+
+def copy_many(dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], non_blocking: bool = False) -> None:
+    """Copy ``srcs[i]`` into ``dsts[i]`` bit for bit (see :class:`CopyPlan`)."""
+    CopyPlan(dsts, srcs).run(non_blocking)
 
 
 def pack(

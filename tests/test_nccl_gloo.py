@@ -139,8 +139,8 @@ def receiver_worker(cfg: dict[str, Any], q: Any) -> None:
         if die_after is not None:  # simulate a crash after applying bucket `die_after`
             apply = rx.loader.apply
 
-            def apply_then_die(index: int, bucket: torch.Tensor) -> None:
-                apply(index, bucket)
+            def apply_then_die(index: int, bucket: torch.Tensor, **kw: Any) -> None:
+                apply(index, bucket, **kw)
                 if index == die_after:
                     os._exit(3)
 

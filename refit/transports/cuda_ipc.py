@@ -272,7 +272,7 @@ class _AckAfterApply:
         self._loader, self._after = loader, after
 
     def apply(self, index: int, bucket: torch.Tensor) -> None:
-        self._loader.apply(index, bucket)
+        self._loader.apply(index, bucket, persistent=True)  # opened once per buffer set, reused across pushes
         self._after()
 
     def __getattr__(self, name: str) -> Any:

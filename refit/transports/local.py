@@ -63,7 +63,7 @@ class LocalSender(Sender):
         return None  # applied synchronously in send()
 
     def send(self, index: int, slot: int, nbytes: int) -> None:
-        self.loader.apply(index, self._bufs[slot])
+        self.loader.apply(index, self._bufs[slot], persistent=True)
 
     def finish(self) -> list[RefitReport]:
         return [self.loader.finish()]

@@ -378,7 +378,7 @@ class NcclReceiver(ReceiverTransport):
                     handle.wait()
                 except TransportError as exc:
                     raise TransportError(f"{self.name}: {exc} [phase buckets, bucket {i} of {n}; sender is rank 0]") from None
-            loader.apply(i, bufs[i % nb][: sizes[i]])
+            loader.apply(i, bufs[i % nb][: sizes[i]], persistent=True)
             if i + nb < n:
                 post(i + nb)  # on CUDA, ordered after this apply's copies by an event
 
