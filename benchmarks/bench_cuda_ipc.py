@@ -188,7 +188,8 @@ def push_cat_buckets(peer: Peer, tensors: dict[str, torch.Tensor], bucket_bytes:
         peer.conn.send(items)
         if not peer.conn.recv():
             raise RuntimeError("receiver failed")
-        del flat
+        del flat, handle, items
+        torch.cuda.ipc_collect()  # free the bucket once the receiver dropped it (else they pile up: OOM)
 
 
 # ---------------------------------------------------------------- main
@@ -275,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # baselines
     if device.type == "cuda" and not a.no_baselines:
+        del reports
+        torch.cuda.empty_cache()
         for name, fn in (
             ("baseline (a): IPC handle per tensor", lambda pr: push_per_tensor(pr, both)),
             ("baseline (b): torch.cat bucket + handle per bucket", lambda pr: push_cat_buckets(pr, both, bucket_bytes)),
