@@ -172,7 +172,9 @@ def bench_zmq_state(
         full, rest = divmod(nbytes, bucket_bytes)
         buckets = [view] * full + ([view[:rest]] if rest else [])
         ceiling = raw_zmq_seconds(raw_addr, buckets, repeat + 1)
-        with Refitter("zmq", peers=[addr], bucket_bytes=bucket_bytes, num_buffers=num_buffers, timeout=600, progress=progress_printer("zmq push")) as r:
+        with Refitter(
+            "zmq", peers=[addr], bucket_bytes=bucket_bytes, num_buffers=num_buffers, timeout=600, progress=progress_printer("zmq push")
+        ) as r:
             seconds = _best(lambda: r.push(state, scales), repeat, device)
     finally:
         proc.join(timeout=60)

@@ -7,7 +7,9 @@ them before they apply any weight.
 Scales are the hot spot of pushes with many small tensors, so their layout is remembered
 between pushes: when the same scale tensors come again (same names, same objects: quantizer
 buffers updated in place), the per-tensor checks are skipped and their values are validated
-and packed as stacked blocks (see ``scales.py``).
+and packed as stacked blocks (see ``scales.py``). Likewise a state whose names and tensor
+objects are those of the previous push is not re-checked (a tensor resized in place since
+then fails loudly at pack time, never silently).
 """
 
 from __future__ import annotations
@@ -86,6 +88,9 @@ class Collector:
 
     def __init__(self) -> None:
         self._layout: _ScaleLayout | None = None
+        # the last state (names and tensor objects) and what it gave, reused when the same
+        # tensors come again (e.g. the same parameters every step)
+        self._last: tuple[_ScaleLayout | None, tuple[str, ...], list[object], list[PlanEntry], dict[str, torch.Tensor | Lazy]] | None = None
 
     def __call__(self, state: StateLike, scales: Mapping[str, torch.Tensor] | None) -> Collected:
         """Validate ``state`` and ``scales``.
@@ -100,6 +105,11 @@ class Collector:
             raise PlanError("pass module.state_dict() (or named_parameters()), not the module itself")
         problems: list[str] = []
         layout, blocks = self._scales(scales or {}, problems)
+        if isinstance(state, Mapping) and not problems:
+            names, values = tuple(state), list(state.values())
+            last = self._last
+            if last is not None and last[0] is layout and last[1] == names and all(map(operator.is_, last[2], values)):
+                return Collected(last[3], last[4], blocks)  # the same tensors as last push: nothing to re-check
         entries = list(layout.entries) if layout else []
         sources: dict[str, torch.Tensor | Lazy] = dict(zip(layout.names, layout.values)) if layout else {}
         items = state.items() if isinstance(state, Mapping) else state
@@ -122,6 +132,8 @@ class Collector:
                 entries.append(PlanEntry(name, value.shape, value.dtype, Role.WEIGHT))  # type: ignore[union-attr]
         if problems:
             raise PlanError("invalid push input; nothing was sent:\n" + problem_list(problems))
+        if isinstance(state, Mapping):
+            self._last = (layout, tuple(state), list(state.values()), entries, sources)
         return Collected(entries, sources, blocks)
 
     def _scales(self, scales: Mapping[str, torch.Tensor], problems: list[str]) -> tuple[_ScaleLayout | None, ScaleBlocks | None]:

@@ -182,3 +182,23 @@ def test_parameters_that_require_grad_push_as_is() -> None:
     Refitter("local", target=dst, bucket_bytes=65536).push(dict(src.named_parameters()))  # chunked weight
     assert same_bits(dst.weight.data, src.weight.data) and same_bits(dst.bias.data, src.bias.data)
     assert dst.weight.requires_grad and dst.weight.grad_fn is None
+
+
+def test_same_tensors_updated_in_place_arrive_each_push() -> None:
+    """The second push reuses the first one's validation and copy plans; the values are new."""
+    state = {"a": torch.randn(64, 64), "b": torch.randn(3000), "c": torch.randn(5)}
+    scales = {f"s{i}": torch.tensor(1.0 + i) for i in range(12)}
+    target = {k: torch.zeros_like(v) for k, v in {**state, **scales}.items()}
+    r = Refitter("local", target=target, bucket_bytes=4096)
+    for step in range(3):
+        for v in state.values():
+            v.add_(1.0)
+        for v in scales.values():
+            v.mul_(2.0)
+        r.push(state, scales, version=step + 1)
+        for k, v in {**state, **scales}.items():
+            assert same_bits(target[k], v), (step, k)
+    state["d"] = torch.ones(2)  # a new tensor: everything is re-checked
+    target["d"] = torch.zeros(2)
+    r.push(state, scales)
+    assert same_bits(target["d"], state["d"])

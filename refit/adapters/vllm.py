@@ -35,8 +35,9 @@ from typing import Any
 import torch
 
 from refit.errors import RefitError, ResolveError, TransportError, problem_list
+from refit.meta import Manifest
 from refit.report import RefitReport
-from refit.transports.base import ReceiverTransport, load_transport
+from refit.transports.base import ReceiverTransport, Sender, load_transport
 
 EXTENSION = "refit.adapters.vllm.RefitWorkerExtension"
 
@@ -159,7 +160,11 @@ class RefitWorkerExtension:
                     continue
                 if isinstance(value, torch.Tensor):
                     t = value.detach().cpu().contiguous()
-                    out[name] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "data": t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""}
+                    out[name] = {
+                        "dtype": str(t.dtype).removeprefix("torch."),
+                        "shape": list(t.shape),
+                        "data": t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"",
+                    }
                 else:
                     out[name] = {"value": value}
             return {"tensors": out}
@@ -190,7 +195,9 @@ class RefitWorkerExtension:
                 from vllm.distributed.parallel_state import get_pp_group
 
                 if not get_pp_group().is_first_rank:
-                    mr.intermediate_tensors = mr.model.make_empty_intermediate_tensors(batch_size=mr.max_num_tokens, dtype=mr.model_config.dtype, device=mr.device)
+                    mr.intermediate_tensors = mr.model.make_empty_intermediate_tensors(
+                        batch_size=mr.max_num_tokens, dtype=mr.model_config.dtype, device=mr.device
+                    )
             return {}
         except BaseException as exc:
             return _error(exc, self._refit_name())
@@ -252,31 +259,80 @@ class VllmEngine:
         replies = self.rpc("refit_receive", timeout, timeout=timeout + 60)
         return [_report(r["report"]) for r in replies if r.get("report") is not None]
 
-    def apply(self, state: Mapping[str, torch.Tensor], scales: Mapping[str, torch.Tensor] | None = None, *, version: int = 1, bucket_bytes: int = 64 << 20) -> list[RefitReport]:
-        """Push a small state inside the RPC itself (no transport; for tests and tiny models)."""
-        from refit.api import collect
-        from refit.pack import pack
-        from refit.plan import plan
-        from refit.wire import _report, manifest_to_wire
+    def apply(
+        self,
+        state: Mapping[str, torch.Tensor],
+        scales: Mapping[str, torch.Tensor] | None = None,
+        *,
+        version: int = 1,
+        bucket_bytes: int = 64 << 20,
+    ) -> list[RefitReport]:
+        """Push a small state inside RPCs (no transport; for tests and tiny models).
 
-        entries, sources = collect(state, scales)
-        m = plan(entries, bucket_bytes=bucket_bytes)
-        buckets = []
-        for index, metas in enumerate(m.by_bucket):
-            buf = torch.zeros(m.bucket_sizes[index], dtype=torch.uint8)
-            pack(buf, metas, [sources[x.name] for x in metas])
-            buckets.append(buf.numpy().tobytes())
-        # Two phases, like every transport's handshake: all workers resolve first, and one
-        # refusal stops all before any worker loads a byte.
-        with self._lock:
-            replies = list(self.llm.collective_rpc("refit_prepare", timeout=self.rpc_timeout, args=(manifest_to_wire(m), version)))
-            if any("error" in r for r in replies):
-                self.llm.collective_rpc("refit_abort", timeout=self.rpc_timeout, args=("another worker refused",))
-                raise_errors(replies)
-        return [_report(r["report"]) for r in self.rpc("refit_apply", buckets)]
+        Returns:
+            Each worker's report.
+
+        Raises:
+            ResolveError: some worker refused (nothing was loaded on any worker).
+            TransportError: a worker failed while applying.
+        """
+        from refit.api import Refitter
+
+        refitter = Refitter(RpcSender(self), bucket_bytes=bucket_bytes)
+        return refitter.push(state, scales, version=version).receivers
 
     def close(self) -> None:
         try:
             self.rpc("refit_close")
         finally:
             self._pool.shutdown(wait=False)
+
+
+class RpcSender(Sender):
+    """A :class:`~refit.transports.base.Sender` whose buckets travel inside ``collective_rpc``.
+
+    Two phases like every transport's handshake: all workers resolve the manifest first
+    (``refit_prepare``), and one refusal stops all before any worker loads a byte; then every
+    bucket goes in one ``refit_apply``. Every bucket is held in memory until then, so this is
+    for small states only (tests, tiny models).
+    """
+
+    def __init__(self, engine: VllmEngine) -> None:
+        self.engine = engine
+        self._bufs: list[torch.Tensor] = []
+        self._buckets: list[bytes] = []
+
+    def handshake(self, manifest: Manifest, version: int) -> None:
+        from refit.wire import manifest_to_wire
+
+        self._buckets = []
+        with self.engine._lock:
+            llm, timeout = self.engine.llm, self.engine.rpc_timeout
+            replies = list(llm.collective_rpc("refit_prepare", timeout=timeout, args=(manifest_to_wire(manifest), version)))
+            if any("error" in r for r in replies):
+                llm.collective_rpc("refit_abort", timeout=timeout, args=("another worker refused",))
+                raise_errors(replies)
+
+    def buffers(self, bucket_bytes: int, num_buffers: int) -> list[torch.Tensor]:
+        if len(self._bufs) != num_buffers or self._bufs[0].numel() != bucket_bytes:
+            self._bufs = [torch.zeros(bucket_bytes, dtype=torch.uint8) for _ in range(num_buffers)]
+        return self._bufs
+
+    def wait_reusable(self, slot: int) -> None:
+        return None  # send() copies the bytes out at once
+
+    def send(self, index: int, slot: int, nbytes: int) -> None:
+        self._buckets.append(self._bufs[slot][:nbytes].numpy().tobytes())
+
+    def finish(self) -> list[RefitReport]:
+        from refit.wire import _report
+
+        buckets, self._buckets = self._buckets, []
+        return [_report(r["report"]) for r in self.engine.rpc("refit_apply", buckets)]
+
+    def abort(self, reason: str) -> None:
+        self._buckets = []
+        try:
+            self.engine.rpc("refit_abort", reason)
+        except RefitError:
+            pass

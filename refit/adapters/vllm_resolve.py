@@ -63,8 +63,7 @@ from vllm.model_executor.models.utils import PPMissingLayer, StageMissingLayer, 
 
 from refit.errors import ResolveError
 from refit.load import Loader
-from refit.meta import Manifest
-from refit.meta import TensorMeta
+from refit.meta import Manifest, TensorMeta
 from refit.resolve import Placement, Resolution
 
 FP8_E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
@@ -193,7 +192,9 @@ class _Shadow:
         """Elements vLLM's layer-wise reload waits for before it processes ``module``."""
         mod = self.model.get_submodule(module)
         params, buffers = self.tensors[id(mod)]
-        return sum(getattr(t, "weight_loader_numel", t.numel()) for n, t in {**params, **buffers}.items() if t is not None and n not in SKIP_LOAD_TENSORS)
+        return sum(
+            getattr(t, "weight_loader_numel", t.numel()) for n, t in {**params, **buffers}.items() if t is not None and n not in SKIP_LOAD_TENSORS
+        )
 
 
 class VllmResolver:
