@@ -189,6 +189,7 @@ def test_same_tensors_updated_in_place_arrive_each_push() -> None:
     state = {"a": torch.randn(64, 64), "b": torch.randn(3000), "c": torch.randn(5)}
     scales = {f"s{i}": torch.tensor(1.0 + i) for i in range(12)}
     target = {k: torch.zeros_like(v) for k, v in {**state, **scales}.items()}
+    target["d"] = torch.zeros(2)
     r = Refitter("local", target=target, bucket_bytes=4096)
     for step in range(3):
         for v in state.values():
@@ -199,6 +200,5 @@ def test_same_tensors_updated_in_place_arrive_each_push() -> None:
         for k, v in {**state, **scales}.items():
             assert same_bits(target[k], v), (step, k)
     state["d"] = torch.ones(2)  # a new tensor: everything is re-checked
-    target["d"] = torch.zeros(2)
     r.push(state, scales)
     assert same_bits(target["d"], state["d"])
