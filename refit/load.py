@@ -225,6 +225,18 @@ class Loader:
             k += len(metas)
         return [], steps, local
 
+    def accepted(self) -> list[tuple[TensorMeta, Resolution]]:
+        """(meta, resolution) of every entry of the push in progress (first chunks only)."""
+        push = self._require_push()
+        out: list[tuple[TensorMeta, Resolution]] = []
+        for steps in push.plan:
+            for step in steps:
+                if isinstance(step, _Run):
+                    out += [(m, Resolution(Placement.LOCAL, dest=d, key=m.name)) for m, d in zip(step.metas, step.dests)]
+                elif step.meta.chunk == 0:
+                    out.append((step.meta, step.res))
+        return out
+
     @property
     def active(self) -> bool:
         return self._push is not None

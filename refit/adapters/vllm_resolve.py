@@ -459,7 +459,7 @@ class VllmLoader(Loader):
         problems = super().prepare(manifest, version)
         if problems or self._push is None:
             return problems
-        local = [r for bucket in self._push.plan for m, r in bucket if r.placement is Placement.LOCAL and m.chunk == 0]
+        local = [r for _, r in self.accepted() if r.placement is Placement.LOCAL]
         problems = self.resolver.check_push(local)
         if problems:
             self._push = None  # nothing was loaded: refuse like any other resolve problem

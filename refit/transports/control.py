@@ -266,13 +266,26 @@ class ControlServer:
             return self._next(timeout)
         return msg, frames[2:]
 
-    def receive(self, loader: Loader, timeout: float | None, bucket_source: BucketSource) -> RefitReport | None:
+    def receive(
+        self,
+        loader: Loader,
+        timeout: float | None,
+        bucket_source: BucketSource,
+        *,
+        on_hello: Callable[[Hello], None] | None = None,
+        after_apply: Callable[[Bucket], None] | None = None,
+        persistent: bool = False,
+    ) -> RefitReport | None:
         """Run one message-driven push (buckets arrive as Bucket messages) through ``loader``.
 
-        See ReceiverTransport.receive. Transports whose bytes do not travel as messages (a
-        collective broadcast) compose :meth:`begin`, their own bucket loop and :meth:`end`.
+        See ReceiverTransport.receive. ``on_hello(hello)`` runs the transport's set-up before
+        the handshake is answered; ``after_apply(msg)`` runs between applying a bucket and
+        acknowledging it (e.g. to record a GPU event: the ack releases the sender's buffer);
+        ``persistent`` says the buckets ``bucket_source`` returns are reused staging buffers.
+        Transports whose bytes do not travel as messages (a collective broadcast) compose
+        :meth:`begin`, their own bucket loop and :meth:`end`.
         """
-        hello = self.begin(loader, timeout)
+        hello = self.begin(loader, timeout, on_hello)
         if hello is None:
             return None
         with self.guard(loader, hello):
@@ -280,7 +293,9 @@ class ControlServer:
             while True:
                 msg, frames, hello = self._in_push(loader, hello, timeout, f"buckets, bucket {next_bucket}")
                 if isinstance(msg, Bucket):
-                    loader.apply(msg.index, bucket_source(msg, frames))
+                    loader.apply(msg.index, bucket_source(msg, frames), persistent=persistent)
+                    if after_apply is not None:
+                        after_apply(msg)
                     next_bucket = msg.index + 1
                     self.reply(Ack(hello.push_id, msg.index))
                 elif isinstance(msg, Finish):

@@ -36,8 +36,8 @@ import contextlib
 import os
 import secrets
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, cast
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -261,39 +261,6 @@ def _is_handle(h: object) -> bool:
     return isinstance(h, str) and len(h) == 2 * IPC_HANDLE_BYTES and all(c in "0123456789abcdef" for c in h)
 
 
-class _AckAfterApply:
-    """The loader as ControlServer sees it, plus a step between ``apply`` and the ack.
-
-    ControlServer acks a bucket as soon as ``loader.apply`` returns; on a GPU the copies are
-    only queued by then, so the receiver records its event (or synchronizes) here first.
-    """
-
-    def __init__(self, loader: Loader, after: Callable[[], None]) -> None:
-        self._loader, self._after = loader, after
-
-    def apply(self, index: int, bucket: torch.Tensor) -> None:
-        self._loader.apply(index, bucket, persistent=True)  # opened once per buffer set, reused across pushes
-        self._after()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._loader, name)
-
-
-class _Server(ControlServer):
-    """ControlServer whose handshake always runs this transport's set-up (``on_hello``).
-
-    ``ControlServer.receive`` calls ``begin(loader, timeout)``; overriding ``begin`` supplies the
-    hook without copying the message loop.
-    """
-
-    def __init__(self, address: str, *, name: str, on_hello: Callable[[Hello], None]) -> None:
-        super().__init__(address, name=name)
-        self._set_up = on_hello
-
-    def begin(self, loader: Loader, timeout: float | None, on_hello: Callable[[Hello], None] | None = None) -> Hello | None:
-        return super().begin(loader, timeout, on_hello or self._set_up)
-
-
 class CudaIpcReceiver(ReceiverTransport):
     """Receiver half: binds an owner-only ``ipc://`` socket and copies out of shared buckets.
 
@@ -324,10 +291,9 @@ class CudaIpcReceiver(ReceiverTransport):
             with torch.cuda.device(self.device):
                 self._events = [torch.cuda.Event(interprocess=True) for _ in range(max(1, events))]
                 self._handles = [bytes(e.ipc_handle()).hex() for e in self._events]
-        self.server = _Server(address or default_address(), name=name, on_hello=self._on_hello)
+        self.server = ControlServer(address or default_address(), name=name)
         self._sets: dict[int, MappedBuffers] = {}  # sender id -> its open set
         self._current: tuple[MappedBuffers, Offer] | None = None
-        self._slot = 0
 
     def info(self) -> dict[str, Any]:
         return {
@@ -379,22 +345,24 @@ class CudaIpcReceiver(ReceiverTransport):
             raise WireError(f"{self.name}: bucket {msg.index} in slot {msg.slot} ({msg.nbytes} bytes) is outside {mapped.count} x {mapped.capacity}")
         if offer.sync is Sync.EVENT:
             torch.cuda.current_stream(self.device).wait_event(mapped.events[msg.slot])
-        self._slot = msg.slot
         return mapped.tensors[msg.slot][: msg.nbytes]
 
-    def _after_apply(self) -> None:
+    def _after_apply(self, msg: Bucket) -> None:
+        """Before the ack releases the sender's buffer: the copies out of it are only queued on
+        the GPU, so record this slot's event (or synchronize)."""
         if self._current is None:
             return
         offer = self._current[1]
         if offer.sync is Sync.EVENT:
-            self._events[self._slot % len(self._events)].record(torch.cuda.current_stream(self.device))
+            self._events[msg.slot % len(self._events)].record(torch.cuda.current_stream(self.device))
         elif offer.kind is Kind.CUDA:
             torch.cuda.current_stream(self.device).synchronize()
         elif torch.cuda.is_initialized():  # host buckets into GPU targets: copies must have read them
             torch.cuda.synchronize()
 
     def receive(self, loader: Loader, timeout: float | None) -> RefitReport | None:
-        return self.server.receive(cast(Loader, _AckAfterApply(loader, self._after_apply)), timeout, self._bucket)
+        # opened once per buffer set and reused across pushes: persistent
+        return self.server.receive(loader, timeout, self._bucket, on_hello=self._on_hello, after_apply=self._after_apply, persistent=True)
 
     def close(self) -> None:
         self._current = None
