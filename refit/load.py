@@ -41,6 +41,7 @@ class _Run:
     scale: bool
     amax: torch.Tensor | None
     device: torch.device | None  # the dests' common device, None if they differ
+    resolutions: tuple[Resolution, ...]
 
 
 Step = _One | _Run
@@ -110,7 +111,7 @@ def _bucket_steps(metas: list[TensorMeta], resolutions: list[Resolution]) -> lis
                 dests = [r.dest for r in part if r.dest is not None]
                 devices = {d.device for d in dests}
                 device = devices.pop() if len(devices) == 1 else None
-                steps.append(_Run(run, dests, scale, amax_mask([m.name for m in run]) if scale else None, device))
+                steps.append(_Run(run, dests, scale, amax_mask([m.name for m in run]) if scale else None, device, tuple(part)))
                 continue
         for m, r in zip(metas[i:j], part):
             dest = None if r.dest is None else (chunk_of(r.dest, m) if m.is_chunked else r.dest)
@@ -232,7 +233,7 @@ class Loader:
         for steps in push.plan:
             for step in steps:
                 if isinstance(step, _Run):
-                    out += [(m, Resolution(Placement.LOCAL, dest=d, key=m.name)) for m, d in zip(step.metas, step.dests)]
+                    out += zip(step.metas, step.resolutions)
                 elif step.meta.chunk == 0:
                     out.append((step.meta, step.res))
         return out
