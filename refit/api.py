@@ -13,7 +13,6 @@ import torch
 from refit.collect import Collector, StateLike
 from refit.errors import RefitError
 from refit.meta import Manifest
-from refit.pack import CopyPlan
 from refit.plan import DEFAULT_ALIGNMENT, DEFAULT_BUCKET_BYTES, PlanEntry, check_layout_options, plan
 from refit.report import RefitReport
 from refit.transports.base import EngineHandle, Progress, Sender, load_transport, stream
@@ -79,10 +78,6 @@ class Refitter:
         self._versions = itertools.count(1)
         self._last: tuple[list[PlanEntry], Manifest] | None = None
         self._collect = Collector()
-        # copy plans of the last push's buckets, kept while the same tensors come again
-        self._pack_sources: object = None
-        self._pack_manifest: Manifest | None = None
-        self._pack_cache: dict[int, tuple[int, CopyPlan]] = {}
 
     def plan(self, entries: list[PlanEntry]) -> Manifest:
         """The manifest for ``entries``; reused while names, shapes and dtypes do not change."""
@@ -117,17 +112,7 @@ class Refitter:
             t2 = time.perf_counter()
             try:
                 with torch.no_grad():  # sources may require grad (parameters); packing is not part of any graph
-                    if got.sources is not self._pack_sources or manifest is not self._pack_manifest:
-                        self._pack_sources, self._pack_manifest, self._pack_cache = got.sources, manifest, {}
-                    stages = stream(
-                        self.sender,
-                        manifest,
-                        got.sources,
-                        num_buffers=self.num_buffers,
-                        progress=self.progress,
-                        blocks=got.blocks,
-                        pack_cache=self._pack_cache,
-                    )
+                    stages = stream(self.sender, manifest, got.sources, num_buffers=self.num_buffers, progress=self.progress, blocks=got.blocks)
                 t3 = time.perf_counter()
                 receivers = self.sender.finish()
             except BaseException as exc:

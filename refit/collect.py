@@ -14,9 +14,10 @@ then fails loudly at pack time, never silently).
 
 from __future__ import annotations
 
-import operator
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -75,7 +76,7 @@ class _ScaleLayout:
     """What is remembered of the scales between pushes."""
 
     names: tuple[str, ...]
-    values: list[torch.Tensor]
+    refs: list[weakref.ref[torch.Tensor]]  # weak: the layout must not keep the tensors alive
     entries: list[PlanEntry]
     groups: list[tuple[int, int]]  # [start, end) of stacked blocks
     masks: list[torch.Tensor | None]
@@ -90,7 +91,7 @@ class Collector:
         self._layout: _ScaleLayout | None = None
         # the last state (names and tensor objects) and what it gave, reused when the same
         # tensors come again (e.g. the same parameters every step)
-        self._last: tuple[_ScaleLayout | None, tuple[str, ...], list[object], list[PlanEntry], dict[str, torch.Tensor | Lazy]] | None = None
+        self._last: tuple[_ScaleLayout | None, tuple[str, ...], list[weakref.ref[Any]], list[PlanEntry]] | None = None
 
     def __call__(self, state: StateLike, scales: Mapping[str, torch.Tensor] | None) -> Collected:
         """Validate ``state`` and ``scales``.
@@ -105,13 +106,15 @@ class Collector:
             raise PlanError("pass module.state_dict() (or named_parameters()), not the module itself")
         problems: list[str] = []
         layout, blocks = self._scales(scales or {}, problems)
+        scale_sources: dict[str, torch.Tensor | Lazy] = dict(scales or {}) if layout is not None else {}
         if isinstance(state, Mapping) and not problems:
             names, values = tuple(state), list(state.values())
             last = self._last
-            if last is not None and last[0] is layout and last[1] == names and all(map(operator.is_, last[2], values)):
-                return Collected(last[3], last[4], blocks)  # the same tensors as last push: nothing to re-check
+            if last is not None and last[0] is layout and last[1] == names and all(r() is v for r, v in zip(last[2], values)):
+                # the same tensors as last push: nothing to re-check
+                return Collected(last[3], {**scale_sources, **dict(zip(names, values))}, blocks)
         entries = list(layout.entries) if layout else []
-        sources: dict[str, torch.Tensor | Lazy] = dict(zip(layout.names, layout.values)) if layout else {}
+        sources: dict[str, torch.Tensor | Lazy] = dict(scale_sources)
         items = state.items() if isinstance(state, Mapping) else state
         for pair in items:
             if not isinstance(pair, tuple) or len(pair) != 2:
@@ -133,7 +136,11 @@ class Collector:
         if problems:
             raise PlanError("invalid push input; nothing was sent:\n" + problem_list(problems))
         if isinstance(state, Mapping):
-            self._last = (layout, tuple(state), list(state.values()), entries, sources)
+            try:  # weak references: the Collector must not keep a trainer's tensors alive between pushes
+                refs = [weakref.ref(v) for v in state.values()]
+                self._last = (layout, tuple(state), refs, entries)
+            except TypeError:  # a value that cannot be weakly referenced: no reuse
+                self._last = None
         return Collected(entries, sources, blocks)
 
     def _scales(self, scales: Mapping[str, torch.Tensor], problems: list[str]) -> tuple[_ScaleLayout | None, ScaleBlocks | None]:
@@ -141,7 +148,7 @@ class Collector:
             return None, None
         names, values = tuple(scales), list(scales.values())
         layout = self._layout
-        same = layout is not None and layout.names == names and all(map(operator.is_, layout.values, values))
+        same = layout is not None and layout.names == names and all(r() is v for r, v in zip(layout.refs, values))
         if not same:
             layout = self._new_layout(names, values, problems)
             if layout is None:
@@ -189,4 +196,4 @@ class Collector:
             i = j
         position = {names[x]: (g, x - s) for g, (s, e) in enumerate(groups) for x in range(s, e)}
         masks = [amax_mask(names[s:e]) for s, e in groups]
-        return _ScaleLayout(names, list(values), entries, groups, masks, singles, position)
+        return _ScaleLayout(names, [weakref.ref(v) for v in values], entries, groups, masks, singles, position)

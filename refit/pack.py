@@ -146,10 +146,3 @@ def pack(
         dsts.append(view)
         srcs.append(chunk_of(src, meta) if meta.is_chunked else src)
     copy_many(dsts, srcs, non_blocking=non_blocking)
-
-
-def pack_plan(bucket: torch.Tensor, metas: Sequence[TensorMeta], sources: Sequence[torch.Tensor]) -> CopyPlan:
-    """The copies that pack tensor ``sources`` into ``bucket`` (no :class:`Lazy`), to run now
-    and again for later pushes of the same tensors into the same buffer."""
-    srcs = [chunk_of(src, meta) if meta.is_chunked else src for meta, src in zip(metas, sources, strict=True)]
-    return CopyPlan([bucket_view(bucket, m) for m in metas], srcs)

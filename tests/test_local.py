@@ -202,3 +202,19 @@ def test_same_tensors_updated_in_place_arrive_each_push() -> None:
     state["d"] = torch.ones(2)  # a new tensor: everything is re-checked
     r.push(state, scales)
     assert same_bits(target["d"], state["d"])
+
+
+def test_refitter_keeps_no_pushed_tensor_alive() -> None:
+    """Temporary tensors (gathered shards, converted copies) must be freed after their push."""
+    import gc
+    import weakref
+
+    target = {"w": torch.zeros(256, 256), **{f"s{i}": torch.zeros(()) for i in range(10)}}
+    r = Refitter("local", target=target, bucket_bytes=1 << 16)
+    w = torch.randn(256, 256)
+    scales = {f"s{i}": torch.tensor(1.0 + i) for i in range(10)}
+    refs = [weakref.ref(w), *(weakref.ref(v) for v in scales.values())]
+    r.push({"w": w}, scales)
+    del w, scales
+    gc.collect()
+    assert all(ref() is None for ref in refs)

@@ -24,7 +24,7 @@ from refit.collect import ScaleBlocks
 from refit.errors import RefitError
 from refit.load import Loader
 from refit.meta import Manifest, TensorMeta
-from refit.pack import CopyPlan, Lazy, pack, pack_plan
+from refit.pack import Lazy, pack
 from refit.report import RefitReport
 from refit.scales import run_view
 
@@ -149,15 +149,12 @@ def stream(
     num_buffers: int,
     progress: Progress | None = None,
     blocks: ScaleBlocks | None = None,
-    pack_cache: dict[int, tuple[int, CopyPlan]] | None = None,
 ) -> dict[str, float]:
     """Pack and send every bucket of ``manifest`` with at most ``num_buffers`` in flight.
 
     Returns seconds spent packing and waiting for buffer reuse. Chunked :class:`Lazy` sources
     are materialized once (on the buffers' device) and dropped after their last chunk. Runs of
     0-d tensors are packed with one strided copy (from ``blocks`` when it holds them stacked).
-    ``pack_cache`` (bucket index -> (buffer address, copy plan)) keeps each bucket's copy plan
-    for the next push; the caller passes it only while ``sources`` are the same tensors.
     """
     bufs = sender.buffers(manifest.bucket_bytes, num_buffers)
     pack_s = wait_s = 0.0
@@ -185,16 +182,7 @@ def stream(
                     src = materialized[m.name] if m.chunk < m.chunks - 1 else materialized.pop(m.name)
                 singles.append(m)
                 srcs.append(src)
-        non_blocking = bufs[slot].is_pinned()
-        cached = pack_cache.get(index) if pack_cache is not None else None
-        if cached is not None and cached[0] == bufs[slot].data_ptr():
-            cached[1].run(non_blocking)
-        elif pack_cache is not None and not any(isinstance(x, Lazy) for x in srcs):
-            plan = pack_plan(bufs[slot], singles, srcs)  # type: ignore[arg-type]
-            pack_cache[index] = (bufs[slot].data_ptr(), plan)
-            plan.run(non_blocking)
-        else:
-            pack(bufs[slot], singles, srcs, non_blocking=non_blocking)
+        pack(bufs[slot], singles, srcs, non_blocking=bufs[slot].is_pinned())
         t2 = time.perf_counter()
         sender.send(index, slot, manifest.bucket_sizes[index])
         wait_s += t1 - t0
