@@ -457,12 +457,13 @@ class VllmLoader(Loader):
 
     def prepare(self, manifest: Manifest, version: int) -> list[str]:
         problems = super().prepare(manifest, version)
-        if problems or self._push is None:
+        if problems or not self.active:
             return problems
-        local = [r for _, r in self.accepted() if r.placement is Placement.LOCAL]
+        # Resolutions are cached by the resolver, so asking again costs a dict lookup each.
+        local = [r for m in manifest.metas if m.chunk == 0 and (r := self.resolver.resolve(m)).placement is Placement.LOCAL]
         problems = self.resolver.check_push(local)
         if problems:
-            self._push = None  # nothing was loaded: refuse like any other resolve problem
+            self.abort("refused: partial layers")  # nothing was applied: not torn
         return sorted(problems)
 
     def abort(self, reason: str) -> None:

@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
-import torch  # noqa: E402
+import torch
 
 # Small sizes every config gets where it has the attribute (names differ between families).
 TINY: dict[str, Any] = {
@@ -93,7 +93,7 @@ def checkpoint_state(cls: Any, cfg: Any, d: str) -> dict[str, tuple[tuple[int, .
     state = {}
     for path in sorted(glob.glob(f"{d}/*.safetensors")):
         with safe_open(path, "pt") as f:
-            for k in f.keys():
+            for k in f.keys():  # noqa: SIM118 - safe_open is not a dict
                 sl = f.get_slice(k)
                 state[k] = (tuple(sl.get_shape()), dtype_from_name(codes[sl.get_dtype()]))
     return state
@@ -141,7 +141,7 @@ def probe(arch: str, port: int) -> dict[str, Any]:
         return {"arch": arch, "status": "skip", "why": f"build: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
     try:
         resolver = VllmResolver(model, vcfg)
-        metas = [TensorMeta(n, dt if dt.is_floating_point else dt, s, Role.WEIGHT, 0, 0, 0) for n, (s, dt) in state.items()]
+        metas = [TensorMeta(n, dt, s, Role.WEIGHT, 0, 0, 0) for n, (s, dt) in state.items()]
         resolutions = [resolver.resolve(m) for m in metas]
         bad = [r.problem or f"{m.name}: {r.placement}" for m, r in zip(metas, resolutions) if r.problem or r.placement is not Placement.LOCAL]
         bad += resolver.check_push([r for r in resolutions if r.placement is Placement.LOCAL])
