@@ -32,8 +32,7 @@ def main() -> None:
     state = {f"model.layers.{i}.mlp.weight": torch.full((per,), float(i % 5 + 1), dtype=torch.bfloat16, device=dev) for i in range(n)}
     scales = {f"model.layers.{i}.mlp.weight_scale": torch.tensor(0.5, device=dev) for i in range(n)}
     rows = [
-        bench_zmq_state(f"{args.gib:g}GiB/{mib}M", state, scales, dev, mib << 20, args.num_buffers, args.repeat)
-        for mib in (args.bucket_mib or [64])
+        bench_zmq_state(f"{args.gib:g}GiB/{mib}M", state, scales, dev, mib << 20, args.num_buffers, args.repeat) for mib in (args.bucket_mib or [64])
     ]
     print(table(rows))
     if args.json:

@@ -271,7 +271,8 @@ def encode(msg: Message) -> bytes:
     return msgpack.packb(d, use_bin_type=True)
 
 
-def _report(d: Any) -> RefitReport:
+def report_from_wire(d: Any) -> RefitReport:
+    """Validate and decode a report's wire form (``RefitReport.to_wire``)."""
     if type(d) is not dict:
         raise WireError("field 'report': expected a map")
     secs = d.get("seconds")
@@ -337,7 +338,7 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     if kind == "finish":
         return Finish(push_id)
     if kind == "done":
-        return Done(push_id, _report(d.get("report")))
+        return Done(push_id, report_from_wire(d.get("report")))
     if kind == "abort":
         return Abort(push_id, _str(d.get("reason"), "reason", 1 << 20))
     raise WireError(f"field 'type': unknown message type {kind!r:.40}")

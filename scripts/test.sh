@@ -13,5 +13,5 @@ if ! python -c "import vllm" 2>/dev/null; then
 fi
 ruff check refit tests benchmarks
 mypy
-export VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python -m pytest -m "not gpu" -p no:cacheprovider "$@"

@@ -135,7 +135,7 @@ class RefitWorkerExtension:
 
     def refit_close(self) -> dict[str, Any]:
         rx = getattr(self, "_refit_rx", None)
-        self._refit_rx = None
+        self._refit_rx = None  # type: ignore[assignment]
         if rx is not None:
             try:
                 rx.close()
@@ -254,10 +254,10 @@ class VllmEngine:
         return self._pool.submit(self._receive, timeout)
 
     def _receive(self, timeout: float) -> list[RefitReport]:
-        from refit.wire import _report
+        from refit.wire import report_from_wire
 
         replies = self.rpc("refit_receive", timeout, timeout=timeout + 60)
-        return [_report(r["report"]) for r in replies if r.get("report") is not None]
+        return [report_from_wire(r["report"]) for r in replies if r.get("report") is not None]
 
     def apply(
         self,
@@ -325,10 +325,10 @@ class RpcSender(Sender):
         self._buckets.append(self._bufs[slot][:nbytes].numpy().tobytes())
 
     def finish(self) -> list[RefitReport]:
-        from refit.wire import _report
+        from refit.wire import report_from_wire
 
         buckets, self._buckets = self._buckets, []
-        return [_report(r["report"]) for r in self.engine.rpc("refit_apply", buckets)]
+        return [report_from_wire(r["report"]) for r in self.engine.rpc("refit_apply", buckets)]
 
     def abort(self, reason: str) -> None:
         self._buckets = []

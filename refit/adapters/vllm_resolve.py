@@ -152,7 +152,7 @@ class _Shadow:
         for t in (*params.values(), *buffers.values()):
             if t is not None:
                 restore_layer_refs(t, mod)  # re-bind loaders vLLM detached from the layer
-        return params, buffers
+        return params, buffers  # type: ignore[return-value]
 
     def _record(self, qual: str, attr: str, t: torch.Tensor, mod: torch.nn.Module) -> None:
         original: Callable[..., Any] = getattr(t, "weight_loader", None) or default_weight_loader
@@ -181,7 +181,7 @@ class _Shadow:
             if shadow is None:
                 continue
             saved.append((mod, mod._parameters, mod._buffers))
-            mod._parameters, mod._buffers = dict(shadow[0]), dict(shadow[1])  # type: ignore[assignment]
+            mod._parameters, mod._buffers = dict(shadow[0]), dict(shadow[1])  # type: ignore[assignment,arg-type]
         try:
             yield
         finally:

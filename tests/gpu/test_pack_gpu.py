@@ -23,7 +23,7 @@ def test_every_dtype_roundtrips_on_cuda(gen: torch.Generator) -> None:
 
         m = plan([PlanEntry(n, tuple(t.shape), t.dtype) for n, t in state.items()], bucket_bytes=entries_bucket)
         out: dict[str, torch.Tensor] = {}
-        for b, metas in enumerate(m.by_bucket):
+        for metas in m.by_bucket:
             bucket = torch.full((entries_bucket,), 0xAB, dtype=torch.uint8, device="cuda")
             pack(bucket, metas, [state[x.name] for x in metas])
             for meta, view in zip(metas, unpack(bucket, metas)):

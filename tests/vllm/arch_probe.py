@@ -113,12 +113,16 @@ def build_vllm(model_dir: str, port: int, *, dtype: str = "float32", process: bo
     from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.model_loader.utils import initialize_model, process_weights_after_loading
 
-    args = EngineArgs(model=model_dir, load_format="dummy", skip_tokenizer_init=True, enforce_eager=True, dtype=dtype, max_model_len=128, seed=0, **engine_args)
+    args = EngineArgs(
+        model=model_dir, load_format="dummy", skip_tokenizer_init=True, enforce_eager=True, dtype=dtype, max_model_len=128, seed=0, **engine_args
+    )
     cfg = args.create_engine_config()
     with set_current_vllm_config(cfg):
         if not parallel_state.model_parallel_is_initialized():
             port = port or free_port()
-            parallel_state.init_distributed_environment(world_size=1, rank=0, local_rank=0, distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo")
+            parallel_state.init_distributed_environment(
+                world_size=1, rank=0, local_rank=0, distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo"
+            )
             parallel_state.initialize_model_parallel(1, 1)
         model = initialize_model(vllm_config=cfg)
         if process:
@@ -151,8 +155,11 @@ def probe(arch: str, port: int) -> dict[str, Any]:
         from vllm.model_executor.layers.attention import is_deferred_attention_layer
 
         uncovered = [
-            q for q, mod in model.named_modules()
-            if q not in filled and not is_deferred_attention_layer(mod) and shadow.tensors.get(id(mod)) is not None
+            q
+            for q, mod in model.named_modules()
+            if q not in filled
+            and not is_deferred_attention_layer(mod)
+            and shadow.tensors.get(id(mod)) is not None
             and shadow.layer_size(q) > 0
             and not all(f"{q}.{n}" in resolver._aliases for n, _ in mod.named_parameters(recurse=False))  # tied
         ]
@@ -162,7 +169,13 @@ def probe(arch: str, port: int) -> dict[str, Any]:
         if typo.placement is not Placement.UNKNOWN:
             bad.append(f"misspelled {first.name}x was not refused")
         status = "fail" if bad else "pass"
-        return {"arch": arch, "status": status, "why": "; ".join(bad[:4]) + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else ""), "names": len(metas), "seconds": round(time.perf_counter() - t0, 2)}
+        return {
+            "arch": arch,
+            "status": status,
+            "why": "; ".join(bad[:4]) + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else ""),
+            "names": len(metas),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
     except Exception:
         return {"arch": arch, "status": "fail", "why": traceback.format_exc().splitlines()[-1][:300]}
 

@@ -66,8 +66,10 @@ def main() -> None:
     with Refitter("local", target=resolver) as refitter:
         refitter.push({}, {"model.layers.0.self_attn.k_scale": torch.tensor(0.5), "model.layers.0.self_attn.v_scale": torch.tensor(0.25)})
     loaded = {
-        "_k_scale": float(attn._k_scale), "_v_scale": float(attn._v_scale),
-        "_k_scale_float": attn._k_scale_float, "_v_scale_float": attn._v_scale_float,
+        "_k_scale": float(attn._k_scale),
+        "_v_scale": float(attn._v_scale),
+        "_k_scale_float": attn._k_scale_float,
+        "_v_scale_float": attn._v_scale_float,
         "kv_cache_dtype": attn.kv_cache_dtype,
     }
     Path(out).write_text(json.dumps({"params": params, "params_after_post_load": params_after, "resolved": got, "loaded": loaded}))

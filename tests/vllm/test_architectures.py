@@ -46,7 +46,10 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("arch") / "results.json"
     proc = subprocess.run(
         [sys.executable, "-m", "tests.vllm.arch_probe", str(out), *ARCHS],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if not out.exists():
         pytest.fail(f"arch_probe produced nothing (rc {proc.returncode}):\n{proc.stderr[-3000:]}")

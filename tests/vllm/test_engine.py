@@ -53,8 +53,14 @@ def test_kv_scales_land_and_survive_weight_pushes(engine):
         "model.layers.1.self_attn.k_proj.k_scale": torch.tensor(0.125),  # ModelOpt-style name
     }
     handle.apply({}, scales, version=8)
-    names = ["model.layers.0.self_attn.attn._k_scale", "model.layers.0.self_attn.attn._v_scale", "model.layers.1.self_attn.attn._k_scale",
-             "model.layers.0.self_attn.attn._k_scale_float", "model.layers.0.self_attn.attn._v_scale_float", "model.layers.1.self_attn.attn._k_scale_float"]
+    names = [
+        "model.layers.0.self_attn.attn._k_scale",
+        "model.layers.0.self_attn.attn._v_scale",
+        "model.layers.1.self_attn.attn._k_scale",
+        "model.layers.0.self_attn.attn._k_scale_float",
+        "model.layers.0.self_attn.attn._v_scale_float",
+        "model.layers.1.self_attn.attn._k_scale_float",
+    ]
     got = read(handle, names)[0]
     assert got[names[0]].item() == 0.5 and got[names[0]].shape == () and got[names[0]].dtype == torch.float32
     assert got[names[1]].item() == 0.25 and got[names[2]].item() == 0.125
