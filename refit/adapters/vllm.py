@@ -282,10 +282,9 @@ class VllmEngine:
         return refitter.push(state, scales, version=version).receivers
 
     def close(self) -> None:
-        try:
-            self.rpc("refit_close")
-        finally:
-            self._pool.shutdown(wait=False)
+        """Close the workers' receivers. The handle stays usable: a later ``Refitter(engine=...)``
+        makes the workers join its transport again."""
+        self.rpc("refit_close")
 
 
 class RpcSender(Sender):

@@ -45,6 +45,19 @@ def test_push_over_zmq_one_line(engine):
     handle.open("zmq", {})  # Refitter.close() closed the workers' receivers; rejoin for later tests
 
 
+@pytest.mark.parametrize("transport", ["nccl", "cuda_ipc"])  # gloo stream and shared-memory buckets on CPU
+def test_push_over_the_other_transports(engine, transport):
+    pytest.importorskip("zmq")
+    llm, handle, model_dir = engine
+    hf, state = hf_state(model_dir, seed=5)
+    scales = {"model.layers.1.self_attn.k_scale": torch.tensor(0.75)}
+    with Refitter(transport, engine=handle, bucket_bytes=1 << 18, timeout=60) as refitter:
+        report = refitter.push(state, scales)
+    assert report.buckets > 1 and [r.loaded for r in report.receivers] == [len(state) + 1]
+    assert read(handle, ["model.layers.1.self_attn.attn._k_scale"])[0]["model.layers.1.self_attn.attn._k_scale"].item() == 0.75
+    assert vllm_greedy(llm) == hf_greedy(hf)
+
+
 def test_kv_scales_land_and_survive_weight_pushes(engine):
     llm, handle, model_dir = engine
     scales = {
