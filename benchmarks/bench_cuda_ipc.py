@@ -237,6 +237,28 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(("device copy ceiling (one copy_)", results["ceiling_gbps"], "GB/s"))
     rows.append(("push ceiling (pack + unpack = 2 copies)", results["ceiling_gbps"] / 2, "GB/s"))
 
+    # baselines first, while nothing else holds device memory
+    if device.type == "cuda" and not a.no_baselines:
+        torch.cuda.empty_cache()  # the ceiling's buffers
+        for name, fn in (
+            ("baseline (a): IPC handle per tensor", lambda pr: push_per_tensor(pr, both)),
+            ("baseline (b): torch.cat bucket + handle per bucket", lambda pr: push_cat_buckets(pr, both, bucket_bytes)),
+        ):
+            key = "per_tensor" if "(a)" in name else "cat_bucket"
+            bpeer = Peer(spec, key, device)
+            try:
+                first = time.perf_counter()
+                fn(bpeer)
+                first = time.perf_counter() - first
+                t = timed(lambda fn=fn, bpeer=bpeer: fn(bpeer), device, a.baseline_repeat)
+                out = bpeer.stop(baseline=True)
+                results[key] = {"first_s": first, "best_s": min(t), "gbps": nbytes / min(t) / 1e9, "verified": out["fp"] == str(fingerprint(both))}
+                rows.append((name, results[key]["gbps"], f"GB/s best (first push {first:.3f} s)"))
+            except Exception as exc:  # e.g. expandable segments: torch's IPC path refuses
+                results[key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                rows.append((name, float("nan"), results[key]["error"][:80]))
+                bpeer.proc.kill()
+
     # refit cuda_ipc
     peer = Peer(spec, "refit", device)
     from refit.transports.cuda_ipc import CudaIpcSender
@@ -273,29 +295,6 @@ def main(argv: list[str] | None = None) -> int:
     results["refit"]["verified"] = got["fp"] == str(fingerprint(both)) and not got["error"]
     results["refit"]["receiver_extra_bytes"] = got["extra_bytes"]
     rows.append(("  staging per side (sender / receiver extra)", results["refit"]["staging_bytes"] / 1e9, f"GB / {got['extra_bytes'] / 1e9:.3f} GB"))
-
-    # baselines
-    if device.type == "cuda" and not a.no_baselines:
-        del reports
-        torch.cuda.empty_cache()
-        for name, fn in (
-            ("baseline (a): IPC handle per tensor", lambda pr: push_per_tensor(pr, both)),
-            ("baseline (b): torch.cat bucket + handle per bucket", lambda pr: push_cat_buckets(pr, both, bucket_bytes)),
-        ):
-            key = "per_tensor" if "(a)" in name else "cat_bucket"
-            bpeer = Peer(spec, key, device)
-            try:
-                first = time.perf_counter()
-                fn(bpeer)
-                first = time.perf_counter() - first
-                t = timed(lambda fn=fn, bpeer=bpeer: fn(bpeer), device, a.baseline_repeat)
-                out = bpeer.stop(baseline=True)
-                results[key] = {"first_s": first, "best_s": min(t), "gbps": nbytes / min(t) / 1e9, "verified": out["fp"] == str(fingerprint(both))}
-                rows.append((name, results[key]["gbps"], f"GB/s best (first push {first:.3f} s)"))
-            except Exception as exc:  # e.g. expandable segments: torch's IPC path refuses
-                results[key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-                rows.append((name, float("nan"), results[key]["error"][:80]))
-                bpeer.proc.kill()
 
     width = max(len(w) for w, _, _ in rows)
     print(f"cuda_ipc push of {a.shape} ({nbytes / 1e9:.2f} GB, {len(both)} tensors of which {len(scales)} scales) on {results['device']}")
