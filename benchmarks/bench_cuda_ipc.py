@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--baseline-repeat", type=int, default=2)
     p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--baselines", default="ab", help="which baselines: a, b or ab (each holds device memory until the process exits)")
     p.add_argument(
         "--only-baselines",
         action="store_true",
@@ -250,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             ("baseline (b): torch.cat bucket + handle per bucket", lambda pr: push_cat_buckets(pr, both, bucket_bytes)),
         ):
             key = "per_tensor" if "(a)" in name else "cat_bucket"
+            if name[10] not in a.baselines:
+                continue
             bpeer = Peer(spec, key, device)
             try:
                 first = time.perf_counter()
