@@ -19,6 +19,9 @@ was seen to put later replies out of step. The handle turns them back into refit
 naming the worker. Rejected: loading through ``LLM.reload_weights``-style per-tensor RPCs (one
 round trip per tensor, no strict resolution before loading).
 
+For an ``AsyncLLM`` on its event loop, :class:`AsyncVllmEngine` does the same through the
+engine's ``collective_rpc`` coroutine.
+
 Nothing is paused: a push runs inside one RPC, so a worker does not step the model while it
 loads, but requests in flight see new weights from their next step on. Pause around a push
 with the engine's own API (see docs/vllm.md).
@@ -26,6 +29,7 @@ with the engine's own API (see docs/vllm.md).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import threading
 from collections.abc import Mapping
@@ -285,6 +289,44 @@ class VllmEngine:
         """Close the workers' receivers. The handle stays usable: a later ``Refitter(engine=...)``
         makes the workers join its transport again."""
         self.rpc("refit_close")
+
+
+class AsyncVllmEngine(VllmEngine):
+    """:class:`~refit.transports.base.EngineHandle` for an in-process ``AsyncLLM``.
+
+    The RPCs run as coroutines on the engine's event loop, so call ``Refitter.push`` from
+    another thread (``await asyncio.to_thread(refitter.push, state, scales)``): pushing from the
+    loop's own thread would block the loop the RPCs need.
+
+    Args:
+        engine: a ``vllm.v1.engine.async_llm.AsyncLLM`` started with
+            ``worker_extension_cls=EXTENSION``.
+        loop: the event loop the engine runs on.
+        rpc_timeout: seconds an RPC other than ``refit_receive`` may take.
+
+    Raises:
+        RefitError: (from ``rpc``) when called from the engine's own loop thread.
+    """
+
+    def __init__(self, engine: Any, loop: asyncio.AbstractEventLoop, *, rpc_timeout: float | None = 600.0) -> None:
+        super().__init__(engine, rpc_timeout=rpc_timeout)
+        self.loop = loop
+
+    def rpc(self, method: str, *args: Any, timeout: float | None = None) -> list[dict[str, Any]]:
+        if _running_loop() is self.loop:
+            raise RefitError("AsyncVllmEngine: push from another thread (asyncio.to_thread), not from the engine's event loop")
+        limit = timeout or self.rpc_timeout
+        with self._lock:
+            future = asyncio.run_coroutine_threadsafe(self.llm.collective_rpc(method, timeout=limit, args=args), self.loop)
+            replies = future.result(None if limit is None else limit + 30)
+        return raise_errors(list(replies))
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 class RpcSender(Sender):

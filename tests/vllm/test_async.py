@@ -1,0 +1,94 @@
+"""An AsyncLLM engine (vLLM's asyncio engine) receives a push through AsyncVllmEngine."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+pytest.importorskip("zmq")
+pytestmark = pytest.mark.integration
+
+from refit import Refitter  # noqa: E402
+from refit.adapters.vllm_tiny import NEW_TOKENS, PROMPTS, hf_greedy, hf_state, write_config  # noqa: E402
+
+
+async def _start(model_dir: str):  # type: ignore[no-untyped-def]
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from refit.adapters.vllm import EXTENSION
+
+    args = AsyncEngineArgs(
+        model=model_dir,
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        enforce_eager=True,
+        dtype="float32",
+        max_model_len=128,
+        max_num_seqs=4,
+        seed=0,
+        worker_extension_cls=EXTENSION,
+    )
+    return AsyncLLM.from_engine_args(args)
+
+
+async def _greedy(engine) -> list[list[int]]:  # type: ignore[no-untyped-def]
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, detokenize=False, ignore_eos=True)
+    out = []
+    for p in PROMPTS:
+        final = None
+        async for o in engine.generate({"prompt_token_ids": p}, params, request_id=str(uuid.uuid4())):
+            final = o
+        out.append(list(final.outputs[0].token_ids))
+    return out
+
+
+@pytest.fixture(scope="module")
+def async_engine(tmp_path_factory):  # type: ignore[no-untyped-def]
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    model_dir = write_config(tmp_path_factory.mktemp("async-model"))
+    engine = asyncio.run_coroutine_threadsafe(_start(model_dir), loop).result(300)
+    try:
+        yield engine, loop, model_dir
+    finally:
+        engine.shutdown()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+
+
+def test_async_engine_push_matches_hf(async_engine) -> None:  # type: ignore[no-untyped-def]
+    from refit.adapters.vllm import AsyncVllmEngine
+
+    engine, loop, model_dir = async_engine
+    hf, state = hf_state(model_dir, seed=11)
+    scales = {"model.layers.0.self_attn.k_scale": torch.tensor(0.5)}
+    with Refitter("zmq", engine=AsyncVllmEngine(engine, loop), bucket_bytes=1 << 18, timeout=60) as refitter:
+        report = refitter.push(state, scales)  # from this thread, not the engine's loop
+    assert [r.loaded for r in report.receivers] == [len(state) + 1]
+    assert asyncio.run_coroutine_threadsafe(_greedy(engine), loop).result(120) == hf_greedy(hf)
+
+
+def test_pushing_from_the_engine_loop_is_refused(async_engine) -> None:  # type: ignore[no-untyped-def]
+    from refit.adapters.vllm import AsyncVllmEngine
+    from refit.errors import RefitError
+
+    engine, loop, _ = async_engine
+    handle = AsyncVllmEngine(engine, loop)
+
+    async def from_loop() -> str:
+        try:
+            handle.rpc("refit_close")
+        except RefitError as exc:
+            return str(exc)
+        return ""
+
+    assert "another thread" in asyncio.run_coroutine_threadsafe(from_loop(), loop).result(30)
