@@ -17,6 +17,7 @@ import torch
 
 from refit.api import Refitter
 from refit.errors import RefitError
+from refit.pack import host_bytes
 from refit.shapes import get_shape, make_state
 
 Row = dict[str, Any]
@@ -168,7 +169,7 @@ def bench_zmq_state(
     try:
         raw_addr, addr = out.get(timeout=120)
         flat = torch.ones(bucket_bytes, dtype=torch.uint8)
-        view = memoryview(flat.numpy())  # type: ignore[arg-type]
+        view = host_bytes(flat)
         full, rest = divmod(nbytes, bucket_bytes)
         buckets = [view] * full + ([view[:rest]] if rest else [])
         ceiling = raw_zmq_seconds(raw_addr, buckets, repeat + 1)

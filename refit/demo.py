@@ -17,6 +17,7 @@ import torch
 
 from refit.api import Refitter
 from refit.errors import RefitError
+from refit.pack import host_bytes
 from refit.shapes import SyntheticModel, get_shape, make_state
 
 
@@ -27,7 +28,7 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
         v = tensors[k].detach().cpu().contiguous()
         h.update(f"{k}:{v.dtype}:{tuple(v.shape)}".encode())
         if v.numel():
-            h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(host_bytes(v.reshape(-1).view(torch.uint8)))
     return h.hexdigest()
 
 

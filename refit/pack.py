@@ -9,6 +9,7 @@ bandwidth than the multi-tensor kernel does for big contiguous blocks.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -49,6 +50,19 @@ class Lazy:
         out = torch.empty(self.shape, dtype=self.dtype, device=device)
         self.fill(out)
         return out
+
+
+def host_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor as a writable memoryview: no copy, no numpy.
+
+    The view does not keep ``t`` alive: the caller must (staging buffers are persistent).
+    """
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise PlanError(f"host_bytes needs a contiguous CPU tensor, got {t.device} contiguous={t.is_contiguous()}")
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
 
 
 def raw(t: torch.Tensor) -> torch.Tensor:

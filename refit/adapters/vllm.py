@@ -40,6 +40,7 @@ import torch
 
 from refit.errors import RefitError, ResolveError, TransportError, problem_list
 from refit.meta import Manifest
+from refit.pack import host_bytes
 from refit.report import RefitReport
 from refit.transports.base import ReceiverTransport, Sender, load_transport
 
@@ -167,7 +168,7 @@ class RefitWorkerExtension:
                     out[name] = {
                         "dtype": str(t.dtype).removeprefix("torch."),
                         "shape": list(t.shape),
-                        "data": t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"",
+                        "data": bytes(host_bytes(t.contiguous().reshape(-1).view(torch.uint8))),
                     }
                 else:
                     out[name] = {"value": value}
@@ -185,7 +186,7 @@ class RefitWorkerExtension:
                 c = t.detach().cpu().contiguous()
                 h.update(f"{name}|{c.dtype}|{list(c.shape)}".encode())
                 if c.numel():
-                    h.update(c.reshape(-1).view(torch.uint8).numpy().tobytes())
+                    h.update(host_bytes(c.reshape(-1).view(torch.uint8)))
             return {"digest": h.hexdigest(), "tensors": len(items)}
         except BaseException as exc:
             return _error(exc, self._refit_name())
@@ -363,7 +364,7 @@ class RpcSender(Sender):
         return None  # send() copies the bytes out at once
 
     def send(self, index: int, slot: int, nbytes: int) -> None:
-        self._buckets.append(self._bufs[slot][:nbytes].numpy().tobytes())
+        self._buckets.append(bytes(host_bytes(self._bufs[slot][:nbytes])))
 
     def finish(self) -> list[RefitReport]:
         from refit.wire import report_from_wire

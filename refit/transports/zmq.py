@@ -26,6 +26,7 @@ import torch
 from refit.errors import TransportError, WireError
 from refit.load import Loader
 from refit.meta import Manifest
+from refit.pack import host_bytes
 from refit.report import RefitReport
 from refit.transports.base import ReceiverTransport, Sender
 from refit.transports.control import DEFAULT_ADDRESS, ControlServer, Frames, PeerGroup
@@ -80,7 +81,7 @@ class ZmqSender(Sender):
         buf = self._bufs[slot]
         if buf.is_pinned():  # pack used non-blocking device-to-host copies
             torch.cuda.current_stream().synchronize()
-        self.group.send_bucket(index, nbytes, slot, memoryview(buf.numpy())[:nbytes])  # type: ignore[arg-type]
+        self.group.send_bucket(index, nbytes, slot, host_bytes(buf)[:nbytes])
         self._slot_bucket[slot] = index
 
     def finish(self) -> list[RefitReport]:
