@@ -14,6 +14,7 @@ then fails loudly at pack time, never silently).
 
 from __future__ import annotations
 
+import operator
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -84,6 +85,12 @@ class _ScaleLayout:
     position: dict[str, tuple[int, int]]
 
 
+def _same_objects(refs: list[weakref.ref[Any]], values: list[Any]) -> bool:
+    """True if every weak reference still points at the corresponding value (C-level loops:
+    this runs for every tensor of every push)."""
+    return len(refs) == len(values) and all(map(operator.is_, [r() for r in refs], values))
+
+
 class Collector:
     """Validates push input; remembers the scales' layout between pushes."""
 
@@ -110,7 +117,7 @@ class Collector:
         if isinstance(state, Mapping) and not problems:
             names, values = tuple(state), list(state.values())
             last = self._last
-            if last is not None and last[0] is layout and last[1] == names and all(r() is v for r, v in zip(last[2], values)):
+            if last is not None and last[0] is layout and last[1] == names and _same_objects(last[2], values):
                 # the same tensors as last push: nothing to re-check
                 return Collected(last[3], {**scale_sources, **dict(zip(names, values))}, blocks)
         entries = list(layout.entries) if layout else []
@@ -148,7 +155,7 @@ class Collector:
             return None, None
         names, values = tuple(scales), list(scales.values())
         layout = self._layout
-        same = layout is not None and layout.names == names and all(r() is v for r, v in zip(layout.refs, values))
+        same = layout is not None and layout.names == names and _same_objects(layout.refs, values)
         if not same:
             layout = self._new_layout(names, values, problems)
             if layout is None:
