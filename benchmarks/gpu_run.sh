@@ -2,7 +2,8 @@
 # Everything that needs the GPU machine, in one call (device time is scarce):
 #   gpu-tier tests, then the benchmarks, logs and JSON under $OUT.
 # Usage on the device machine (repo root, .whl carried): bash benchmarks/gpu_run.sh [1|2|all]
-# Part 1 (tests, local and cuda_ipc benchmarks) and part 2 (the rest) each fit one 10-minute call.
+# Part 1 (tests, local and cuda_ipc benchmarks) and part 2 (the rest) each fit one 10-minute call;
+# parts 3 and 4 are the later re-runs (tests plus the benchmarks that changed).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -16,6 +17,13 @@ if [ "$part" = 1 ] || [ "$part" = all ]; then
 step "gpu tests" 240 python3 -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 step "refit bench local llama-8b cuda" 100 python3 -m refit.cli bench --transport local --shape llama-8b --device cuda --bucket-bytes 1073741824 --json "$OUT/bench_local.json" 2>&1 | tail -5
 step "cuda_ipc llama-8b" 240 python3 benchmarks/bench_cuda_ipc.py --json "$OUT/bench_cuda_ipc.json" 2>&1 | tail -40
+fi
+if [ "$part" = 4 ]; then
+step "gpu tests" 240 python3 -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -6
+step "refit bench local llama-8b cuda" 100 python3 -m refit.cli bench --transport local --shape llama-8b --device cuda --bucket-bytes 1073741824 --json "$OUT/bench_local.json" 2>&1 | tail -3
+step "scales cuda" 60 python3 benchmarks/bench_scales.py --device cuda --json "$OUT/bench_scales_cuda.json" 2>&1 | tail -10
+step "scales cpu (16 cores)" 60 python3 benchmarks/bench_scales.py --device cpu --json "$OUT/bench_scales_cpu16.json" 2>&1 | tail -10
+step "cuda_ipc llama-8b 1GiB x2" 150 python3 benchmarks/bench_cuda_ipc.py --no-baselines --json "$OUT/bench_cuda_ipc.json" 2>&1 | tail -12
 fi
 if [ "$part" = 3 ]; then
 step "gpu tests" 240 python3 -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
