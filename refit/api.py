@@ -103,8 +103,8 @@ class Refitter:
         got = self._collect(state, scales)
         manifest = self.plan(got.entries)
         v = next(self._versions) if version is None else version
-        if not isinstance(v, int) or v < 0:
-            raise RefitError(f"version must be a non-negative int, got {v!r}")
+        if not isinstance(v, int) or not 0 <= v < 1 << 63:
+            raise RefitError(f"version must be an int in [0, 2**63), got {v!r}")
         t1 = time.perf_counter()
         pending = self.engine.begin_receive(self.timeout) if self.engine is not None else None
         try:

@@ -85,6 +85,15 @@ class _ScaleLayout:
     position: dict[str, tuple[int, int]]
 
 
+_DTYPE_OF = operator.attrgetter("dtype")
+_SHAPE_OF = operator.attrgetter("shape")
+
+
+def _signature(values: list[Any]) -> tuple[list[Any], list[Any]]:
+    """Dtypes and shapes of ``values`` (C-level loops)."""
+    return list(map(_DTYPE_OF, values)), list(map(_SHAPE_OF, values))
+
+
 def _same_objects(refs: list[weakref.ref[Any]], values: list[Any]) -> bool:
     """True if every weak reference still points at the corresponding value (C-level loops:
     this runs for every tensor of every push)."""
@@ -98,7 +107,7 @@ class Collector:
         self._layout: _ScaleLayout | None = None
         # the last state (names and tensor objects) and what it gave, reused when the same
         # tensors come again (e.g. the same parameters every step)
-        self._last: tuple[_ScaleLayout | None, tuple[str, ...], list[weakref.ref[Any]], list[PlanEntry]] | None = None
+        self._last: tuple[_ScaleLayout | None, tuple[str, ...], list[weakref.ref[Any]], list[PlanEntry], tuple[list[Any], list[Any]]] | None = None
 
     def __call__(self, state: StateLike, scales: Mapping[str, torch.Tensor] | None) -> Collected:
         """Validate ``state`` and ``scales``.
@@ -117,7 +126,7 @@ class Collector:
         if isinstance(state, Mapping) and not problems:
             names, values = tuple(state), list(state.values())
             last = self._last
-            if last is not None and last[0] is layout and last[1] == names and _same_objects(last[2], values):
+            if last is not None and last[0] is layout and last[1] == names and _same_objects(last[2], values) and last[4] == _signature(values):
                 # the same tensors as last push: nothing to re-check
                 return Collected(last[3], {**scale_sources, **dict(zip(names, values))}, blocks)
         entries = list(layout.entries) if layout else []
@@ -144,8 +153,8 @@ class Collector:
             raise PlanError("invalid push input; nothing was sent:\n" + problem_list(problems))
         if isinstance(state, Mapping):
             try:  # weak references: the Collector must not keep a trainer's tensors alive between pushes
-                refs = [weakref.ref(v) for v in state.values()]
-                self._last = (layout, tuple(state), refs, entries)
+                values = list(state.values())
+                self._last = (layout, tuple(state), [weakref.ref(v) for v in values], entries, _signature(values))
             except TypeError:  # a value that cannot be weakly referenced: no reuse
                 self._last = None
         return Collected(entries, sources, blocks)
@@ -155,18 +164,28 @@ class Collector:
             return None, None
         names, values = tuple(scales), list(scales.values())
         layout = self._layout
-        same = layout is not None and layout.names == names and _same_objects(layout.refs, values)
-        if not same:
+        fresh = not (
+            layout is not None
+            and layout.names == names
+            and _same_objects(layout.refs, values)
+            and all(values[i].dtype == layout.entries[i].dtype and values[i].shape == layout.entries[i].shape for i in layout.singles)
+        )
+        if fresh:
             layout = self._new_layout(names, values, problems)
             if layout is None:
                 return None, None
         assert layout is not None  # invariant: set above
         stacks = []
         for (s, e), mask in zip(layout.groups, layout.masks):
-            with torch.no_grad():
-                stacked = torch.stack(values[s:e])
-            if stacked.shape != (e - s,) or stacked.dtype != layout.entries[s].dtype:  # changed in place
-                self._layout = None
+            try:
+                with torch.no_grad():
+                    stacked = torch.stack(values[s:e])
+            except RuntimeError:  # a tensor of the run changed shape in place
+                stacked = None
+            if stacked is None or stacked.shape != (e - s,) or stacked.dtype != layout.entries[s].dtype:
+                if fresh:  # invariant: a fresh layout stacks by construction
+                    raise PlanError(f"scales {names[s]} .. {names[e - 1]}: cannot be stacked")
+                self._layout = None  # changed in place since the last push: lay them out again
                 return self._scales(scales, problems)
             problems += run_problems(names[s:e], stacked, mask)
             stacks.append(stacked)

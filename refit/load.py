@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from refit.errors import ResolveError, TornStateError, problem_list
+from refit.errors import ResolveError, TornStateError, WireError, problem_list
 from refit.meta import Manifest, Role, TensorMeta
 from refit.pack import CopyPlan, bucket_view, chunk_of, copy_many
 from refit.report import RefitReport
@@ -45,6 +45,17 @@ class _Run:
 
 
 Step = _One | _Run
+
+
+def _local_keys(steps: list[Step]) -> list[str]:
+    """Keys of the local targets a bucket's steps write."""
+    keys: list[str] = []
+    for step in steps:
+        if isinstance(step, _Run):
+            keys += [r.key for r in step.resolutions]
+        elif step.res.placement is Placement.LOCAL:
+            keys.append(step.res.key)
+    return keys
 
 
 class _BucketPlan:
@@ -128,6 +139,7 @@ class _Push:
     plan: list[list[Step]]  # per bucket
     started: float
     next_bucket: int = 0
+    partial: bool = False  # bucket next_bucket is being applied
     applied: int = 0
     remote: int = 0
     staging: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -152,6 +164,7 @@ class Loader:
         self._layouts: dict[str, Manifest] = {}
         self._prepared: tuple[str, list[list[Step]], int] | None = None  # digest, steps, local entries
         self._bucket_plans: dict[tuple[int, int, int, torch.device], _BucketPlan] = {}  # for persistent buffers
+        self._torn_keys: set[str] = set()  # what broken pushes may have half-written
 
     def knows(self, digest: str) -> Manifest | None:
         """The manifest of a layout this loader has accepted before, by digest."""
@@ -160,8 +173,11 @@ class Loader:
     def check_serving(self) -> None:
         """Raise :class:`TornStateError` if the target holds a half-applied push."""
         if self.torn:
+            keys = sorted(self._torn_keys)
+            which = f"; possibly mixed: {', '.join(keys[:5])}" + (f" and {len(keys) - 5} more" if len(keys) > 5 else "") if keys else ""
             raise TornStateError(
-                f"{self.name} holds a partially applied push (last committed version {self.version}); push a complete update before serving"
+                f"{self.name} holds a partially applied push (last committed version {self.version}){which}; "
+                "push a complete update of those tensors before serving"
             )
 
     def prepare(self, manifest: Manifest, version: int) -> list[str]:
@@ -209,6 +225,9 @@ class Loader:
             elif res.placement is Placement.LOCAL:
                 if res.dest is None and res.load is None:
                     problems.append(f"{meta.name}: resolver gave no buffer and no loader")
+                    continue
+                if res.dest is not None and meta.is_chunked and not res.dest.is_contiguous():
+                    problems.append(f"{meta.name}: its target is not contiguous; a tensor split over buckets needs a contiguous target")
                     continue
                 other = keys.setdefault(res.key, meta.name)
                 if other != meta.name:
@@ -259,6 +278,11 @@ class Loader:
             self.abort(f"bucket {index} arrived, expected {push.next_bucket}")
             raise ResolveError(f"{self.name}: bucket {index} arrived out of order (expected {push.next_bucket})")
         t0 = time.perf_counter()
+        if bucket.dim() != 1 or bucket.dtype != torch.uint8 or bucket.numel() < push.manifest.bucket_sizes[index]:
+            self.abort(f"bucket {index} is malformed")
+            raise WireError(
+                f"{self.name}: bucket {index} holds {bucket.numel()} bytes ({bucket.dtype}), the manifest says {push.manifest.bucket_sizes[index]}"
+            )
         key = (index, bucket.data_ptr(), bucket.numel(), bucket.device)
         plan = self._bucket_plans.get(key) if persistent else None
         if plan is None:
@@ -271,6 +295,7 @@ class Loader:
             raise ResolveError(f"{self.name} refused bucket {index}:\n" + problem_list(bad), bad)
         if plan.local:
             self.torn = True  # from here on the target may hold mixed data
+        push.partial = True
         plan.copies.run(non_blocking=bucket.device.type == "cpu" and plan.to_cuda)
         for dests, srcs in plan.runs:
             torch._foreach_copy_(dests, srcs)
@@ -281,13 +306,16 @@ class Loader:
             if not meta.is_chunked:
                 load(view)
                 continue
-            whole = push.staging.setdefault(meta.name, torch.empty(meta.shape, dtype=meta.dtype, device=bucket.device))
+            if meta.name not in push.staging:  # the whole tensor, assembled from its chunks
+                push.staging[meta.name] = torch.empty(meta.shape, dtype=meta.dtype, device=bucket.device)
+            whole = push.staging[meta.name]
             copy_many([chunk_of(whole, meta)], [view])
             if meta.chunk == meta.chunks - 1:
                 load(push.staging.pop(meta.name))
         push.applied += plan.applied
         push.remote += plan.remote
         push.next_bucket += 1
+        push.partial = False
         push.seconds["apply"] = push.seconds.get("apply", 0.0) + time.perf_counter() - t0
 
     def finish(self) -> RefitReport:
@@ -307,7 +335,10 @@ class Loader:
         self.resolver.post_load()
         push.seconds["finish"] = time.perf_counter() - t0
         push.seconds["total"] = time.perf_counter() - push.started
-        self.version, self.torn, self._push = push.version, False, None
+        for steps in push.plan:
+            self._torn_keys.difference_update(_local_keys(steps))
+        self.version, self._push = push.version, None
+        self.torn = bool(self._torn_keys)
         return RefitReport(
             version=push.version,
             bytes=m.total_bytes,
@@ -320,8 +351,12 @@ class Loader:
         )
 
     def abort(self, reason: str) -> None:
-        """Abandon the push in progress. The target stays torn if anything was applied."""
-        self._push = None
+        """Abandon the push in progress. The target stays torn if anything was applied, until
+        a committed push has rewritten everything the broken one touched."""
+        push, self._push = self._push, None
+        if push is not None and self.torn:
+            for steps in push.plan[: push.next_bucket + push.partial]:  # with the bucket an error interrupted
+                self._torn_keys.update(_local_keys(steps))
 
     def _require_push(self) -> _Push:
         if self._push is None:

@@ -55,14 +55,16 @@ class Lazy:
 def host_bytes(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor as a writable memoryview: no copy, no numpy.
 
-    The view does not keep ``t`` alive: the caller must (staging buffers are persistent).
+    The view keeps ``t`` alive for as long as anything (a queued ZMQ frame) holds it.
     """
     if t.device.type != "cpu" or not t.is_contiguous():
         raise PlanError(f"host_bytes needs a contiguous CPU tensor, got {t.device} contiguous={t.is_contiguous()}")
     n = t.numel() * t.element_size()
     if n == 0:
         return memoryview(bytearray())
-    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
+    arr = (ctypes.c_char * n).from_address(t.data_ptr())
+    arr._refit_owner = t  # type: ignore[attr-defined]  # the view keeps the tensor alive (ZMQ may hold it after we drop ours)
+    return memoryview(arr).cast("B")
 
 
 def raw(t: torch.Tensor) -> torch.Tensor:
@@ -112,6 +114,8 @@ class CopyPlan:
         for d, s in zip(dsts, srcs, strict=True):
             if d.numel() == 0:
                 continue
+            if d.numel() != s.numel() or d.element_size() != s.element_size():
+                raise PlanError(f"cannot copy {s.dtype}{list(s.shape)} into {d.dtype}{list(d.shape)}: sizes differ (was a tensor changed in place?)")
             rd, rs = raw(d), raw(s)
             if d.numel() * d.element_size() >= LARGE_COPY_BYTES or rd.shape != rs.shape:
                 self.large.append((rd, rs.reshape(rd.shape)))

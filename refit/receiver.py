@@ -27,6 +27,9 @@ class RefitReceiver:
         transport: ``"zmq"``, ``"cuda_ipc"`` or ``"nccl"``.
         require_complete: refuse pushes that do not cover every target tensor.
         name: how this receiver names itself in reports and errors.
+        push_timeout: seconds any wait inside a push may take before the push is abandoned
+            (the target is then torn if a bucket was applied); :meth:`serve` uses it, while
+            ``receive(timeout)`` bounds both the start and the waits by ``timeout``.
         **options: passed to the transport's receiver (e.g. ``address=`` for zmq).
 
     Example:
@@ -42,12 +45,14 @@ class RefitReceiver:
         *,
         require_complete: bool = False,
         name: str = "receiver",
+        push_timeout: float = 120.0,
         **options: Any,
     ) -> None:
         resolver = target if hasattr(target, "resolve") else TensorsResolver(target)  # type: ignore[arg-type]
         self.loader = Loader(resolver, require_complete=require_complete, name=name)  # type: ignore[arg-type]
         module = load_transport(transport)
         self.transport: ReceiverTransport = module.Receiver(name=name, **options)  # type: ignore[attr-defined]
+        self.push_timeout = push_timeout
         self._stop = threading.Event()
         self.last_error: RefitError | None = None
 
@@ -76,7 +81,7 @@ class RefitReceiver:
             TransportError: no push began within ``timeout``, or the stream broke.
             ResolveError: the push was refused; the target is untouched.
         """
-        report = self.transport.receive(self.loader, timeout)
+        report = self.transport.receive(self.loader, timeout, push_timeout=self.push_timeout if timeout is None else timeout)
         if report is None:
             raise TransportError(f"{self.loader.name}: no push began within {timeout} s")
         return report
@@ -90,9 +95,12 @@ class RefitReceiver:
         reports: list[RefitReport] = []
         while not self._stop.is_set() and (max_pushes is None or len(reports) < max_pushes):
             try:
-                report = self.transport.receive(self.loader, poll)
+                report = self.transport.receive(self.loader, poll, push_timeout=self.push_timeout)
             except RefitError as exc:
                 self.last_error = exc
+                continue
+            except Exception as exc:  # a bug must not stop an engine's receiver; keep it for the caller
+                self.last_error = RefitError(f"{self.loader.name}: unexpected {type(exc).__name__}: {exc}")
                 continue
             if report is not None:
                 reports.append(report)

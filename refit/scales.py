@@ -50,6 +50,8 @@ def run_problems(names: Sequence[str], values: torch.Tensor, amax: torch.Tensor 
     if not values.dtype.is_floating_point or values.numel() == 0:
         return []
     v = values.float()
+    if amax is not None and amax.device != v.device:
+        amax = amax.to(v.device)
     ok = torch.isfinite(v) & ((v > 0) | ((v == 0) & amax) if amax is not None else (v > 0))
     if bool(ok.all()):
         return []

@@ -295,6 +295,17 @@ def report_from_wire(d: Any) -> RefitReport:
     )
 
 
+def peek_push_id(data: bytes | bytearray | memoryview) -> int:
+    """The ``push_id`` of a message that failed validation, if it can be read (else 0), so
+    the refusal reaches the push it belongs to."""
+    try:
+        d = msgpack.unpackb(bytes(data[:MAX_MESSAGE_BYTES]), raw=False, strict_map_key=False)
+        v = d.get("push_id") if type(d) is dict else None
+        return v if type(v) is int and 0 <= v <= MAX_U64 else 0
+    except Exception:  # any garbage: no push to name
+        return 0
+
+
 def decode(data: bytes | bytearray | memoryview) -> Message:
     """Decode and validate one control message.
 

@@ -218,3 +218,62 @@ def test_refitter_keeps_no_pushed_tensor_alive() -> None:
     del w, scales
     gc.collect()
     assert all(ref() is None for ref in refs)
+
+
+def test_tensor_changed_in_place_is_checked_again() -> None:
+    """The validation cache is keyed on tensor identity; a dtype or shape changed in place
+    since the last push must be seen (and refused here), not copied as raw bits."""
+    p = torch.nn.Parameter(torch.ones(4, 4))
+    target = {"p": torch.zeros(4, 4)}
+    r = Refitter("local", target=target)
+    r.push({"p": p})
+    p.data = p.data.to(torch.bfloat16)  # same object, new dtype
+    with pytest.raises(ResolveError, match="dtype torch.bfloat16"):
+        r.push({"p": p})
+    p.data = torch.full((2, 8), 2.5)  # same object, same numel, new shape
+    with pytest.raises(ResolveError, match=r"shape \[2, 8\]"):
+        r.push({"p": p})
+    assert same_bits(target["p"], torch.ones(4, 4))
+
+
+def test_torn_until_the_broken_tensors_are_pushed_again() -> None:
+    dst = {"a": torch.zeros(64), "b": torch.zeros(64), "s": torch.ones(())}
+    loader = Loader(TensorsResolver(dst), name="rx")
+    m = plan([PlanEntry(k, (64,), torch.float32) for k in ("a", "b")], bucket_bytes=256)
+    assert loader.prepare(m, 1) == []
+    loader.apply(0, torch.ones(256, dtype=torch.uint8))  # "a" written, "b" not
+    loader.abort("sender died")
+    Refitter("local", target=loader).push({}, {"s": torch.tensor(2.0)}, version=2)  # does not touch "a"
+    assert loader.torn and loader.version == 2
+    with pytest.raises(refit.TornStateError, match="possibly mixed: a"):
+        loader.check_serving()
+    Refitter("local", target=loader).push({"a": torch.ones(64)}, version=3)
+    assert not loader.torn
+    loader.check_serving()
+
+
+def test_chunked_tensor_needs_a_contiguous_target() -> None:
+    from refit.resolve import Placement, Resolution
+
+    dest = torch.zeros(64, 4).t()
+
+    class Strided(TensorsResolver):
+        def resolve(self, meta):  # type: ignore[no-untyped-def]
+            return Resolution(Placement.LOCAL, dest=dest, key=meta.name)
+
+    with pytest.raises(ResolveError, match="not contiguous"):
+        Refitter("local", target=Loader(Strided({})), bucket_bytes=256).push({"w": torch.ones(4, 64)})
+
+
+def test_short_bucket_is_a_wire_error() -> None:
+    dst = {"a": torch.zeros(64)}
+    loader = Loader(TensorsResolver(dst))
+    loader.prepare(plan([PlanEntry("a", (64,), torch.float32)], bucket_bytes=1024), 1)
+    with pytest.raises(refit.WireError, match="bucket 0 holds 25 bytes"):
+        loader.apply(0, torch.zeros(25, dtype=torch.uint8))
+    assert not loader.torn and torch.equal(dst["a"], torch.zeros(64))
+
+
+def test_version_must_fit_the_wire() -> None:
+    with pytest.raises(refit.RefitError, match="2\\*\\*63"):
+        Refitter("local", target={"a": torch.zeros(1)}).push({"a": torch.ones(1)}, version=2**63)

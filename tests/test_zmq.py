@@ -273,3 +273,64 @@ def test_garbage_frames_are_wire_errors_and_receiver_keeps_serving() -> None:
             r.push(state)
         rx.get("report")
         assert rx.final()[1] == procs.digests(state)
+
+
+def test_serve_bounds_pushes_by_push_timeout_not_poll() -> None:
+    """serve(poll=0.2) polls for new pushes every 0.2 s, but a push with a 1 s pause between
+    buckets (a slow all-gather) must still land."""
+    import threading
+
+    from refit.receiver import RefitReceiver
+
+    target = {"a": torch.zeros(1024), "b": torch.zeros(1024)}
+    rx = RefitReceiver(target, "zmq", push_timeout=30)
+    t = threading.Thread(target=rx.serve, kwargs={"max_pushes": 1, "poll": 0.2}, daemon=True)
+    t.start()
+
+    def slow(out: torch.Tensor) -> None:
+        time.sleep(1.0)
+        out.fill_(2.0)
+
+    with Refitter("zmq", peers=[rx.info()["address"]], bucket_bytes=4096, timeout=20) as r:
+        r.push({"a": torch.ones(1024), "b": Lazy((1024,), torch.float32, slow)})
+    t.join(30)
+    rx.close()
+    assert rx.last_error is None and not rx.torn
+    assert torch.equal(target["a"], torch.ones(1024)) and torch.equal(target["b"], torch.full((1024,), 2.0))
+
+
+def test_stale_abort_does_not_end_the_next_wait_and_bad_hello_is_answered() -> None:
+    import threading
+
+    import msgpack
+    import zmq
+
+    from refit.receiver import RefitReceiver
+    from refit.wire import decode
+
+    target = {"a": torch.zeros(4)}
+    rx = RefitReceiver(target, "zmq")
+    with Refitter("zmq", peers=[rx.info()["address"]], timeout=10) as r:
+        th = threading.Thread(target=lambda: pytest.raises(ResolveError, rx.receive, 10), daemon=True)
+        th.start()
+        with pytest.raises(ResolveError):
+            r.push({"nope": torch.ones(4)})  # refused; the sender's Abort stays queued
+        th.join(10)
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(rx.transport.receive(rx.loader, 1.5)), daemon=True)
+    t0 = time.monotonic()
+    waiter.start()
+    waiter.join(10)
+    assert got == [None] and time.monotonic() - t0 >= 1.4  # waited the whole time
+    # a Hello that fails validation is answered with its own push id, so its sender hears why
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(rx.info()["address"])
+    sock.send(msgpack.packb({"type": "hello", "push_id": 77, "version": -1, "digest": "x", "manifest": None, "num_buffers": 2}))
+    with pytest.raises(Exception):
+        rx.transport.receive(rx.loader, 5)
+    assert sock.poll(5000)
+    reply = decode(sock.recv())
+    assert reply.push_id == 77 and "version" in reply.reason  # type: ignore[union-attr]
+    sock.close()
+    rx.close()

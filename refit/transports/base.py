@@ -96,11 +96,12 @@ class ReceiverTransport(ABC):
         """What a sender needs to reach this receiver (plain values: addresses, ids)."""
 
     @abstractmethod
-    def receive(self, loader: Loader, timeout: float | None) -> RefitReport | None:
+    def receive(self, loader: Loader, timeout: float | None, *, push_timeout: float | None = None) -> RefitReport | None:
         """Serve one push: handshake, buckets, finish.
 
         Waits up to ``timeout`` seconds for a push to begin (``None``: forever) and returns
-        ``None`` if none did; once a push began, every wait is bounded by ``timeout`` too.
+        ``None`` if none did; once a push began, every wait is bounded by ``push_timeout``
+        (default: ``timeout``).
 
         Raises:
             ResolveError: the push was refused (the target is untouched).

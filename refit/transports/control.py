@@ -32,7 +32,7 @@ from refit.errors import ResolveError, TransportError, WireError, problem_list
 from refit.load import Loader
 from refit.meta import Manifest
 from refit.report import RefitReport
-from refit.wire import Abort, Ack, Bucket, Done, Finish, Hello, Message, Verdict, decode, encode
+from refit.wire import Abort, Ack, Bucket, Done, Finish, Hello, Message, Verdict, decode, encode, peek_push_id
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:*"
 
@@ -224,6 +224,8 @@ class ControlServer:
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.address = self._bind(address)
         self._peer: bytes | None = None  # identity of the sender of the push in progress
+        self._busy = False  # a push is in progress
+        self._pending: tuple[Message, Frames] | None = None  # a Hello that arrived during a push
 
     def _bind(self, address: str) -> str:
         if address.startswith("ipc://"):
@@ -244,27 +246,35 @@ class ControlServer:
                 self.sock.send_multipart([self._peer, encode(msg)], flags=zmq.NOBLOCK)
 
     def _next(self, timeout: float | None) -> tuple[Message, Frames] | None:
-        """Next message and its extra frames, or None after ``timeout``. Garbage -> WireError
-        (after telling its sender)."""
-        if not self.sock.poll(_ms(timeout)):
-            return None
-        frames = self.sock.recv_multipart(copy=False)
-        ident = frames[0].bytes
-        if len(frames) < 2:
-            raise WireError(f"{self.name}: message with no header frame")
-        try:
-            msg = decode(frames[1].buffer)
-        except WireError as exc:
-            with contextlib.suppress(zmq.ZMQError):
-                self.sock.send_multipart([ident, encode(Abort(0, f"{self.name}: {exc}"))], flags=zmq.NOBLOCK)
-            raise
-        if isinstance(msg, Hello) or self._peer is None:
+        """Next message of the current sender and its extra frames, or None after ``timeout``.
+
+        While a push is in progress, other senders are told this receiver is busy. Garbage
+        raises WireError after its sender was told why (with its push id when readable).
+        """
+        if self._pending is not None:
+            got, self._pending = self._pending, None
+            return got
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self.sock.poll(_ms(left)):
+                return None
+            frames = self.sock.recv_multipart(copy=False)
+            ident = frames[0].bytes
+            if len(frames) < 2:
+                raise WireError(f"{self.name}: message with no header frame")
+            try:
+                msg = decode(frames[1].buffer)
+            except WireError as exc:
+                with contextlib.suppress(zmq.ZMQError):
+                    self.sock.send_multipart([ident, encode(Abort(peek_push_id(frames[1].buffer), f"{self.name}: {exc}"))], flags=zmq.NOBLOCK)
+                raise
+            if self._busy and ident != self._peer:  # another sender while a push is in progress
+                with contextlib.suppress(zmq.ZMQError):
+                    self.sock.send_multipart([ident, encode(Abort(msg.push_id, f"{self.name} is busy with another push"))], flags=zmq.NOBLOCK)
+                continue
             self._peer = ident
-        elif ident != self._peer:  # another sender while a push is in progress
-            with contextlib.suppress(zmq.ZMQError):
-                self.sock.send_multipart([ident, encode(Abort(msg.push_id, f"{self.name} is busy with another push"))], flags=zmq.NOBLOCK)
-            return self._next(timeout)
-        return msg, frames[2:]
+            return msg, frames[2:]
 
     def receive(
         self,
@@ -275,6 +285,7 @@ class ControlServer:
         on_hello: Callable[[Hello], None] | None = None,
         after_apply: Callable[[Bucket], None] | None = None,
         persistent: bool = False,
+        push_timeout: float | None = None,
     ) -> RefitReport | None:
         """Run one message-driven push (buckets arrive as Bucket messages) through ``loader``.
 
@@ -282,16 +293,19 @@ class ControlServer:
         the handshake is answered; ``after_apply(msg)`` runs between applying a bucket and
         acknowledging it (e.g. to record a GPU event: the ack releases the sender's buffer);
         ``persistent`` says the buckets ``bucket_source`` returns are reused staging buffers.
+        ``timeout`` bounds the wait for a push to begin; ``push_timeout`` (default: ``timeout``)
+        every wait once it has begun.
         Transports whose bytes do not travel as messages (a collective broadcast) compose
         :meth:`begin`, their own bucket loop and :meth:`end`.
         """
-        hello = self.begin(loader, timeout, on_hello)
+        in_push = timeout if push_timeout is None else push_timeout
+        hello = self.begin(loader, timeout, on_hello, push_timeout=in_push)
         if hello is None:
             return None
         with self.guard(loader, hello):
             next_bucket = 0
             while True:
-                msg, frames, hello = self._in_push(loader, hello, timeout, f"buckets, bucket {next_bucket}")
+                msg, frames, hello = self._in_push(loader, hello, in_push, f"buckets, bucket {next_bucket}")
                 if isinstance(msg, Bucket):
                     loader.apply(msg.index, bucket_source(msg, frames), persistent=persistent)
                     if after_apply is not None:
@@ -303,24 +317,36 @@ class ControlServer:
                 else:
                     raise WireError(f"{self.name}: unexpected {type(msg).__name__} in phase buckets")
 
-    def begin(self, loader: Loader, timeout: float | None, on_hello: Callable[[Hello], None] | None = None) -> Hello | None:
+    def begin(
+        self,
+        loader: Loader,
+        timeout: float | None,
+        on_hello: Callable[[Hello], None] | None = None,
+        *,
+        push_timeout: float | None = None,
+    ) -> Hello | None:
         """Wait up to ``timeout`` for a push and answer its handshake.
 
-        ``on_hello(hello)`` runs first (transport set-up from ``hello.extra``). Returns the
-        accepted Hello, or None if no push began.
+        ``on_hello(hello)`` runs first (transport set-up from ``hello.extra``). Messages of no
+        push (a late Abort of an earlier one) are skipped. Returns the accepted Hello, or None
+        if no push began.
 
         Raises:
             ResolveError: the push was refused (the sender was told; nothing is loaded).
         """
-        first = self._next(timeout)
-        if first is None:
-            return None
-        msg, _ = first
-        if not isinstance(msg, Hello):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            got = self._next(left)
+            if got is None:
+                return None
+            msg = got[0]
+            if isinstance(msg, Hello):
+                hello = self._accept(loader, msg, timeout if push_timeout is None else push_timeout, on_hello)
+                self._busy = True
+                return hello
             if not isinstance(msg, Abort):
                 self.reply(Abort(msg.push_id, f"{self.name}: no push in progress"))
-            return None
-        return self._accept(loader, msg, timeout, on_hello)
 
     def end(self, loader: Loader, hello: Hello, timeout: float | None) -> RefitReport:
         """Wait for Finish, commit, reply Done (after a transport's own bucket loop)."""
@@ -336,9 +362,11 @@ class ControlServer:
         try:
             yield
         except BaseException as exc:
+            self._busy = False
             loader.abort(str(exc))
             if not isinstance(exc, _SenderAborted):
-                self.reply(Abort(hello.push_id, f"{self.name}: {exc}"[:1000]))
+                text = str(exc) if str(exc).startswith(self.name) else f"{self.name}: {exc}"
+                self.reply(Abort(hello.push_id, text[:1000]))
             raise
 
     def _in_push(self, loader: Loader, hello: Hello, timeout: float | None, phase: str) -> tuple[Message, Frames, Hello]:
@@ -353,10 +381,12 @@ class ControlServer:
                 raise _SenderAborted(f"{self.name}: sender aborted the push (phase {phase}): {msg.reason}")
             if msg.push_id == hello.push_id:
                 return msg, frames, hello
-            if isinstance(msg, Hello):  # the sender started over; the old push is abandoned
+            if isinstance(msg, Hello):  # the sender started over: abandon this push, serve that one next
+                self._pending = (msg, frames)
                 raise TransportError(f"{self.name}: a new push began during phase {phase}; the previous one is abandoned")
 
     def _commit(self, loader: Loader, hello: Hello) -> RefitReport:
+        self._busy = False
         report = loader.finish()
         self.reply(Done(hello.push_id, report))
         return report

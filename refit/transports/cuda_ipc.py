@@ -360,9 +360,11 @@ class CudaIpcReceiver(ReceiverTransport):
         elif torch.cuda.is_initialized():  # host buckets into GPU targets: copies must have read them
             torch.cuda.synchronize()
 
-    def receive(self, loader: Loader, timeout: float | None) -> RefitReport | None:
+    def receive(self, loader: Loader, timeout: float | None, *, push_timeout: float | None = None) -> RefitReport | None:
         # opened once per buffer set and reused across pushes: persistent
-        return self.server.receive(loader, timeout, self._bucket, on_hello=self._on_hello, after_apply=self._after_apply, persistent=True)
+        return self.server.receive(
+            loader, timeout, self._bucket, on_hello=self._on_hello, after_apply=self._after_apply, persistent=True, push_timeout=push_timeout
+        )
 
     def close(self) -> None:
         self._current = None

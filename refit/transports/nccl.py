@@ -311,12 +311,13 @@ class NcclReceiver(ReceiverTransport):
         if comm is not None:
             comm.close()
 
-    def receive(self, loader: Loader, timeout: float | None) -> RefitReport | None:
+    def receive(self, loader: Loader, timeout: float | None, *, push_timeout: float | None = None) -> RefitReport | None:
+        in_push = timeout if push_timeout is None else push_timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                hello = self.server.begin(loader, left, on_hello=self._join)
+                hello = self.server.begin(loader, left, on_hello=self._join, push_timeout=in_push)
             except ResolveError:
                 self._after_refusal()
                 raise
@@ -332,7 +333,7 @@ class NcclReceiver(ReceiverTransport):
         try:
             with self.server.guard(loader, hello):
                 self._stream(loader, hello)
-            return self.server.end(loader, hello, timeout)
+            return self.server.end(loader, hello, in_push)
         except _NoGo:
             raise
         except BaseException:

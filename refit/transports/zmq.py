@@ -106,7 +106,7 @@ class ZmqReceiver(ReceiverTransport):
             (apply straight from the received frame).
     """
 
-    def __init__(self, *, address: str = DEFAULT_ADDRESS, name: str = "receiver", device: str = "cpu", timeout: float | None = None) -> None:
+    def __init__(self, *, address: str = DEFAULT_ADDRESS, name: str = "receiver", device: str = "cpu") -> None:
         self.server = ControlServer(address, name=name)
         self.name = name
         self.device = torch.device(device)
@@ -133,8 +133,15 @@ class ZmqReceiver(ReceiverTransport):
         staged.copy_(data)
         return staged
 
-    def receive(self, loader: Loader, timeout: float | None) -> RefitReport | None:
-        return self.server.receive(loader, timeout, self._bucket)
+    def receive(self, loader: Loader, timeout: float | None, *, push_timeout: float | None = None) -> RefitReport | None:
+        return self.server.receive(
+            loader, timeout, self._bucket, push_timeout=push_timeout, after_apply=self._after_apply if self.device.type == "cuda" else None
+        )
+
+    def _after_apply(self, msg: Bucket) -> None:
+        """The host-to-device copies out of a pinned staging slot are only queued; they must
+        have read it before the ack lets the next bucket overwrite it."""
+        torch.cuda.current_stream(self.device).synchronize()
 
     def close(self) -> None:
         self.server.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import refit
 from refit import Lazy, Refitter
 from tests.conftest import every_dtype_state, random_tensor, same_bits
 from tests.test_plan_pack import roundtrip
@@ -85,3 +86,19 @@ def test_zmq_pinned_staging_roundtrip(gen: torch.Generator) -> None:
     th.join(timeout=60)
     rx.close()
     assert done and all(same_bits(target[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("src_device", ["cuda", "cpu"])
+def test_scale_runs_with_amax_on_cuda(src_device: str) -> None:
+    """A run of 0-d scales holding an amax (may be 0) validates on the run's device."""
+    scales = {f"l{i}.weight_scale": torch.tensor(0.5 + i, device=src_device) for i in range(9)}
+    scales["l9.input_amax"] = torch.tensor(0.0, device=src_device)
+    target = {k: torch.ones((), device="cuda") for k in scales}
+    with Refitter("local", target=target) as r:
+        r.push({}, scales)
+        r.push({}, scales)  # cached layout
+    for k, v in scales.items():
+        assert same_bits(target[k], v.cuda()), k
+    scales["l3.weight_scale"].fill_(-1.0)
+    with pytest.raises(refit.PlanError, match="l3.weight_scale"):
+        Refitter("local", target=target).push({}, scales)
