@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from refit import Lazy, Refitter, ResolveError, TransportError
+from refit import Lazy, Refitter, ResolveError, TransportError, WireError
 from refit.meta import Role, dtype_name
 from refit.plan import PlanEntry, plan
 from refit.transports.base import stream
@@ -311,11 +311,20 @@ def test_stale_abort_does_not_end_the_next_wait_and_bad_hello_is_answered() -> N
     target = {"a": torch.zeros(4)}
     rx = RefitReceiver(target, "zmq")
     with Refitter("zmq", peers=[rx.info()["address"]], timeout=10) as r:
-        th = threading.Thread(target=lambda: pytest.raises(ResolveError, rx.receive, 10), daemon=True)
+        errors: list[BaseException] = []
+
+        def refused() -> None:
+            try:
+                rx.receive(10)
+            except ResolveError as exc:
+                errors.append(exc)
+
+        th = threading.Thread(target=refused, daemon=True)
         th.start()
         with pytest.raises(ResolveError):
             r.push({"nope": torch.ones(4)})  # refused; the sender's Abort stays queued
         th.join(10)
+    assert len(errors) == 1
     got: list[object] = []
     waiter = threading.Thread(target=lambda: got.append(rx.transport.receive(rx.loader, 1.5)), daemon=True)
     t0 = time.monotonic()
@@ -327,7 +336,7 @@ def test_stale_abort_does_not_end_the_next_wait_and_bad_hello_is_answered() -> N
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(rx.info()["address"])
     sock.send(msgpack.packb({"type": "hello", "push_id": 77, "version": -1, "digest": "x", "manifest": None, "num_buffers": 2}))
-    with pytest.raises(Exception):
+    with pytest.raises(WireError, match="version"):
         rx.transport.receive(rx.loader, 5)
     assert sock.poll(5000)
     reply = decode(sock.recv())
