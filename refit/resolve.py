@@ -79,7 +79,9 @@ class TensorsResolver:
     """Resolver for a ``torch.nn.Module`` (parameters and buffers by name) or a dict of tensors.
 
     Names must match exactly (``Module.named_parameters`` / ``named_buffers`` names, tied
-    weights under each of their names). Targets are written in place, under ``no_grad``.
+    weights under each of their names). Targets are written in place, under ``no_grad``. They
+    are captured when the resolver is built: after replacing a module's tensors
+    (``module.to(...)``, ``load_state_dict(assign=True)``), build a new receiver.
 
     Args:
         target: the module or ``dict[str, Tensor]`` to load into.
