@@ -37,16 +37,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from refit import Lazy, Refitter
+from refit.bench import copy_ceiling, sync, timings
 from refit.meta import dtype_from_name, dtype_name
 from refit.pack import raw
 from refit.shapes import get_shape, make_state
 
 Spec = dict[str, tuple[list[int], str]]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def fingerprint(tensors: dict[str, torch.Tensor]) -> int:
@@ -60,29 +56,7 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> int:
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeat: int) -> list[float]:
-    """Wall times of ``repeat`` runs after one warm-up."""
-    fn()
-    sync(device)
-    out = []
-    for _ in range(repeat):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        out.append(time.perf_counter() - t0)
-    return out
-
-
-def copy_ceiling(nbytes: int, device: torch.device, repeat: int) -> float:
-    """Best seconds of one ``copy_`` of ``nbytes`` on ``device`` (memory freed afterwards)."""
-    src = torch.ones(nbytes, dtype=torch.uint8, device=device)  # touched: no lazily zeroed pages
-    pair = [src, torch.zeros_like(src)]
-    del src
-    best = min(timed(lambda: pair[1].copy_(pair[0]), device, repeat))
-    pair.clear()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return best
+    return timings(fn, repeat, device)
 
 
 # ---------------------------------------------------------------- receiver process

@@ -23,30 +23,41 @@ from refit.shapes import get_shape, make_state
 Row = dict[str, Any]
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _best(fn: Callable[[], object], repeat: int, device: torch.device) -> float:
-    """Best wall time of ``repeat`` runs after one warm-up."""
+def timings(fn: Callable[[], object], repeat: int, device: torch.device) -> list[float]:
+    """Wall times of ``repeat`` runs of ``fn`` after one warm-up, device work included."""
     fn()
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(repeat):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
-    return min(times)
+    return times
+
+
+def _best(fn: Callable[[], object], repeat: int, device: torch.device) -> float:
+    return min(timings(fn, repeat, device))
 
 
 def copy_ceiling(nbytes: int, device: torch.device, repeat: int) -> float:
-    """Seconds of one large device copy of ``nbytes`` (the ceiling of any copy-based push)."""
+    """Best seconds of one large ``copy_`` of ``nbytes`` on ``device`` (the ceiling of any
+    copy-based push); its memory is released afterwards."""
     src = torch.ones(nbytes, dtype=torch.uint8, device=device)  # touched: untouched host pages read as free zero pages
-    dst = torch.zeros_like(src)
-    return _best(lambda: dst.copy_(src), repeat, device)
+    pair = [torch.zeros_like(src), src]
+    del src
+    best = _best(lambda: pair[0].copy_(pair[1]), repeat, device)
+    pair.clear()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return best
 
 
 def progress_printer(label: str) -> Callable[[int, int], None]:
