@@ -25,6 +25,18 @@ def digests(engine: Any) -> list[str]:
     return [r["digest"] for r in engine.rpc("refit_digest")]
 
 
+def refused(engine: Any, state: dict[str, torch.Tensor], version: int) -> str:
+    """Push ``state`` in-RPC expecting a refusal; check that no worker's tensors changed;
+    return the error message."""
+    from refit import ResolveError
+
+    before = digests(engine)
+    with pytest.raises(ResolveError) as info:
+        engine.apply(state, version=version)
+    assert digests(engine) == before
+    return str(info.value)
+
+
 def read(engine: Any, names: list[str]) -> list[dict[str, Any]]:
     """Per-worker {name: tensor or plain value} of model tensors / attributes."""
     from refit.meta import dtype_from_name

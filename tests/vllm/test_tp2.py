@@ -8,9 +8,9 @@ import torch
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.integration
 
-from refit import Refitter, ResolveError  # noqa: E402
+from refit import Refitter  # noqa: E402
 
-from .conftest import digests, engine_fixture, hf_greedy, hf_state, read, vllm_greedy  # noqa: E402
+from .conftest import engine_fixture, hf_greedy, hf_state, read, refused, vllm_greedy  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,5 @@ def test_zmq_fan_out_to_both_ranks(engine):
 def test_refusal_on_every_rank_leaves_engine_untouched(engine):
     _, handle, model_dir = engine
     _, state = hf_state(model_dir, seed=13)
-    before = digests(handle)
-    with pytest.raises(ResolveError) as info:
-        handle.apply({**state, "model.layers.0.mlp.gate_projj.weight": torch.zeros(256, 128)}, version=2)
-    assert "vllm-worker-0" in str(info.value) and "vllm-worker-1" in str(info.value)
-    assert digests(handle) == before
+    msg = refused(handle, {**state, "model.layers.0.mlp.gate_projj.weight": torch.zeros(256, 128)}, 2)
+    assert "vllm-worker-0" in msg and "vllm-worker-1" in msg
