@@ -8,7 +8,6 @@ starts or ends.
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -65,12 +64,12 @@ _ITEMSIZE: dict[torch.dtype, int] = {d: torch.empty(0, dtype=d).element_size() f
 
 
 def itemsize(dtype: torch.dtype) -> int:
-    """Bytes per element of a dtype that can travel."""
-    return _ITEMSIZE[dtype] if dtype in _ITEMSIZE else _ITEMSIZE[dtype_from_name(dtype_name(dtype))]
-
-
-def tensor_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    return math.prod(shape) * _ITEMSIZE[dtype]
+    """Bytes per element of a dtype that can travel; raises :class:`PlanError` for others."""
+    try:
+        return _ITEMSIZE[dtype]
+    except KeyError:
+        dtype_name(dtype)  # raises the PlanError that lists the dtypes that travel
+        raise
 
 
 class Role(enum.StrEnum):
@@ -99,11 +98,6 @@ class TensorMeta:
     chunk: int = 0
     chunks: int = 1
     start: int = 0
-
-    @property
-    def total_nbytes(self) -> int:
-        """Bytes of the whole tensor (all chunks)."""
-        return tensor_nbytes(self.shape, self.dtype)
 
     @property
     def is_chunked(self) -> bool:
