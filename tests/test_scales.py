@@ -58,6 +58,22 @@ def test_many_scales_arrive_bit_exact_and_repeat(bucket_bytes: int) -> None:
         assert same_bits(target[k], v), k
 
 
+def test_scale_given_new_memory_is_read_from_it() -> None:
+    """The layout reads scales through views of their memory: a scale whose tensor was given
+    new memory (``.data = ...``, as some quantizers update) must be read from the new memory."""
+    scales = many_scales(100)
+    target = {k: torch.zeros_like(v) for k, v in scales.items()}
+    r = Refitter("local", target=target)
+    r.push({}, scales)
+    name = "l5.weight_scale"
+    scales[name].data = torch.tensor(7.5)  # same object, new storage
+    scales["l6.weight_scale"].fill_(3.25)  # in place, old storage
+    r.push({}, scales)
+    for k, v in scales.items():
+        assert same_bits(target[k], v), k
+    assert float(target[name]) == 7.5
+
+
 def test_bad_value_inside_a_run_is_named() -> None:
     scales = many_scales(100)
     r = Refitter("local", target={k: torch.zeros_like(v) for k, v in scales.items()})
