@@ -4,6 +4,12 @@ For refreshing an evaluation copy of a model, for tests, and as the reference ev
 transport is checked against. The manifest still goes through the strict loader, so a local
 push refuses exactly what a remote one would. Buckets live on the target's device (or the one
 given) and are applied as soon as they are packed.
+
+On a GPU the buckets are applied on a stream of their own, so applying bucket ``i`` overlaps
+packing bucket ``i + 1`` (as it does when the receiver is another device or process): each
+copy's tail, and the gap before the next copy starts, is filled by the other stream's copies.
+Events order the two: a bucket is applied after it was packed, and a buffer is packed again
+only after it was applied. ``finish`` joins the streams before it commits.
 """
 
 from __future__ import annotations
@@ -48,6 +54,9 @@ class LocalSender(Sender):
             device = first.device if first is not None else "cpu"
         self.device = torch.device(device)
         self._bufs: list[torch.Tensor] = []
+        self._apply: torch.cuda.Stream | None = None  # the GPU stream buckets are applied on
+        self._packed: list[torch.cuda.Event] = []  # per buffer: recorded after it was packed
+        self._applied: list[torch.cuda.Event | None] = []  # per buffer: after it was applied
 
     def handshake(self, manifest: Manifest, version: int) -> None:
         problems = self.loader.prepare(manifest, version)
@@ -56,22 +65,46 @@ class LocalSender(Sender):
 
     def buffers(self, bucket_bytes: int, num_buffers: int) -> list[torch.Tensor]:
         if len(self._bufs) != num_buffers or self._bufs[0].numel() != bucket_bytes:
+            self._drain()
             self._bufs = [torch.empty(bucket_bytes, dtype=torch.uint8, device=self.device) for _ in range(num_buffers)]
+            if self.device.type == "cuda":
+                if self._apply is None:
+                    self._apply = torch.cuda.Stream(self.device)
+                self._packed = [torch.cuda.Event() for _ in self._bufs]
+                self._applied = [None] * num_buffers
         return self._bufs
 
     def wait_reusable(self, slot: int) -> None:
-        return None  # applied synchronously in send()
+        applied = self._applied[slot] if self._apply is not None else None
+        if applied is not None:  # packing waits on the GPU until the buffer was applied
+            torch.cuda.current_stream(self.device).wait_event(applied)
 
     def send(self, index: int, slot: int, nbytes: int) -> None:
-        self.loader.apply(index, self._bufs[slot], persistent=True)
+        if self._apply is None:
+            self.loader.apply(index, self._bufs[slot], persistent=True)
+            return
+        self._packed[slot].record(torch.cuda.current_stream(self.device))
+        self._apply.wait_event(self._packed[slot])
+        with torch.cuda.stream(self._apply):
+            self.loader.apply(index, self._bufs[slot], persistent=True)
+        applied = self._applied[slot] = self._applied[slot] or torch.cuda.Event()
+        applied.record(self._apply)
 
     def finish(self) -> list[RefitReport]:
+        if self._apply is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._apply)
         return [self.loader.finish()]
+
+    def _drain(self) -> None:
+        """Wait for the apply stream before its buffers are freed or replaced."""
+        if self._apply is not None:
+            self._apply.synchronize()
 
     def abort(self, reason: str) -> None:
         self.loader.abort(reason)
 
     def close(self) -> None:
+        self._drain()
         self._bufs = []
 
     @property

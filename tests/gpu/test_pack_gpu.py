@@ -68,6 +68,25 @@ def test_local_push_on_cuda_with_scales_and_lazy(gen: torch.Generator) -> None:
     assert torch.equal(target["lz"], torch.arange(128.0, device="cuda"))
 
 
+@pytest.mark.parametrize("num_buffers", [1, 2, 3])
+def test_local_push_on_cuda_pipelines_buffers_safely(gen: torch.Generator, num_buffers: int) -> None:
+    """Applying runs on its own stream, overlapping the next bucket's packing: a buffer must never
+    be packed again before it was applied. Many buckets, few buffers, values changing every push."""
+    state = {f"w{i}": random_tensor((1 << 19,), torch.bfloat16, gen, "cuda") for i in range(24)}  # 1 MiB each
+    scales = {f"w{i}_scale": torch.tensor(1.0 + i, device="cuda") for i in range(24)}
+    target = {k: torch.empty_like(v) for k, v in {**state, **scales}.items()}
+    with Refitter("local", target=target, bucket_bytes=2 << 20, num_buffers=num_buffers) as r:
+        for step in range(5):
+            report = r.push(state, scales)
+            assert report.buckets >= 12
+            for k, v in {**state, **scales}.items():
+                assert same_bits(target[k], v), (step, k)
+            for v in state.values():
+                v.add_(1)  # on the current stream, after the push returned
+            for v in scales.values():
+                v.mul_(2)
+
+
 def test_zmq_pinned_staging_roundtrip(gen: torch.Generator) -> None:
     """CUDA source tensors go through pinned host buckets; a CUDA receiver stages into pinned memory."""
     import threading
