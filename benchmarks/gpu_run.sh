@@ -2,8 +2,8 @@
 # Everything that needs the GPU machine, in one call (device time is scarce):
 #   gpu-tier tests, then the benchmarks, logs and JSON under $OUT.
 # Usage on the device machine (repo root, .whl carried): bash benchmarks/gpu_run.sh [1|2|all]
-# Part 1 (tests, local and cuda_ipc benchmarks) and part 2 (the rest) each fit one 10-minute call;
-# parts 3 and 4 are the later re-runs (tests plus the benchmarks that changed).
+# Part 1 (tests, then the local, cuda_ipc and scale benchmarks) and part 2 (zmq on the host's
+# cores) each fit one 10-minute call.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -14,26 +14,12 @@ python3 -c "import torch, cupy; print('torch', torch.__version__, 'cupy', cupy._
 step() { echo; echo "=== $1"; shift; timeout "$@"; echo "=== rc=$?"; }
 part=${1:-all}
 if [ "$part" = 1 ] || [ "$part" = all ]; then
-step "gpu tests" 240 python3 -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-step "refit bench local llama-8b cuda" 100 python3 -m refit.cli bench --transport local --shape llama-8b --device cuda --bucket-bytes 1073741824 --json "$OUT/bench_local.json" 2>&1 | tail -5
-step "cuda_ipc llama-8b" 240 python3 benchmarks/bench_cuda_ipc.py --json "$OUT/bench_cuda_ipc.json" 2>&1 | tail -40
-fi
-if [ "$part" = 4 ]; then
 step "gpu tests" 240 python3 -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -6
 step "refit bench local llama-8b cuda" 100 python3 -m refit.cli bench --transport local --shape llama-8b --device cuda --bucket-bytes 1073741824 --json "$OUT/bench_local.json" 2>&1 | tail -3
+step "cuda_ipc llama-8b (4 GiB x 1, baselines a and b, Lazy)" 300 python3 benchmarks/bench_cuda_ipc.py --json "$OUT/bench_cuda_ipc.json" 2>&1 | tail -16
 step "scales cuda" 60 python3 benchmarks/bench_scales.py --device cuda --json "$OUT/bench_scales_cuda.json" 2>&1 | tail -10
 step "scales cpu (16 cores)" 60 python3 benchmarks/bench_scales.py --device cpu --json "$OUT/bench_scales_cpu16.json" 2>&1 | tail -10
-step "cuda_ipc llama-8b 1GiB x2" 150 python3 benchmarks/bench_cuda_ipc.py --no-baselines --json "$OUT/bench_cuda_ipc.json" 2>&1 | tail -12
-fi
-if [ "$part" = 3 ]; then
-step "gpu tests" 240 python3 -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
-step "refit bench local llama-8b cuda" 100 python3 -m refit.cli bench --transport local --shape llama-8b --device cuda --bucket-bytes 1073741824 --json "$OUT/bench_local.json" 2>&1 | tail -3
-step "cuda_ipc llama-8b 1GiB x2" 200 python3 benchmarks/bench_cuda_ipc.py --json "$OUT/bench_cuda_ipc.json" 2>&1 | tail -16
-step "cuda_ipc llama-8b 512MiB x3" 150 python3 benchmarks/bench_cuda_ipc.py --no-baselines --bucket-mb 512 --num-buffers 3 --json "$OUT/bench_cuda_ipc_512x3.json" 2>&1 | tail -16
-step "scales cuda" 60 python3 benchmarks/bench_scales.py --device cuda --json "$OUT/bench_scales_cuda.json" 2>&1 | tail -10
 fi
 if [ "$part" = 2 ] || [ "$part" = all ]; then
-step "scales cuda" 60 python3 benchmarks/bench_scales.py --device cuda --json "$OUT/bench_scales_cuda.json" 2>&1 | tail -10
-step "scales cpu (16 cores)" 60 python3 benchmarks/bench_scales.py --device cpu --json "$OUT/bench_scales_cpu16.json" 2>&1 | tail -10
 step "zmq 2 GiB (16 cores)" 180 python3 benchmarks/bench_zmq.py --gib 2 --bucket-mib 64 --bucket-mib 256 --json "$OUT/bench_zmq16.json" 2>&1 | tail -6
 fi
