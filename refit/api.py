@@ -107,16 +107,30 @@ class Refitter:
             raise RefitError(f"version must be an int in [0, 2**63), got {v!r}")
         t1 = time.perf_counter()
         pending = self.engine.begin_receive(self.timeout) if self.engine is not None else None
-        try:
+        accepted = False
+
+        def handshake() -> None:  # called by stream() once the first bucket is packed
+            nonlocal accepted
             self.sender.handshake(manifest, v)
-            t2 = time.perf_counter()
+            accepted = True
+
+        try:
             try:
                 with torch.no_grad():  # sources may require grad (parameters); packing is not part of any graph
-                    stages = stream(self.sender, manifest, got.sources, num_buffers=self.num_buffers, progress=self.progress, blocks=got.blocks)
+                    stages = stream(
+                        self.sender,
+                        manifest,
+                        got.sources,
+                        num_buffers=self.num_buffers,
+                        handshake=handshake,
+                        progress=self.progress,
+                        blocks=got.blocks,
+                    )
                 t3 = time.perf_counter()
                 receivers = self.sender.finish()
             except BaseException as exc:
-                self.sender.abort(f"sender failed: {type(exc).__name__}: {exc}")
+                if accepted:  # before that, nothing reached a receiver (a refusal ends the push there)
+                    self.sender.abort(f"sender failed: {type(exc).__name__}: {exc}")
                 raise
         except BaseException:
             if pending is not None:  # let the workers' receive calls end before re-raising
@@ -131,7 +145,7 @@ class Refitter:
             bytes=manifest.total_bytes,
             buckets=manifest.num_buckets,
             tensors=manifest.num_tensors,
-            seconds={"plan": t1 - t0, "handshake": t2 - t1, **stages, "stream": t3 - t2, "finish": t4 - t3, "total": t4 - t0},
+            seconds={"plan": t1 - t0, **stages, "stream": t3 - t1, "finish": t4 - t3, "total": t4 - t0},
             receivers=receivers,
         )
 

@@ -11,8 +11,10 @@ import torch
 import refit
 from refit import Lazy, PlanError, Refitter, ResolveError
 from refit.load import Loader
+from refit.meta import Manifest
 from refit.plan import PlanEntry, plan
 from refit.resolve import TensorsResolver
+from refit.transports.local import LocalSender
 from tests.conftest import every_dtype_state, same_bits
 
 pytestmark = pytest.mark.unit
@@ -277,3 +279,47 @@ def test_short_bucket_is_a_wire_error() -> None:
 def test_version_must_fit_the_wire() -> None:
     with pytest.raises(refit.RefitError, match="2\\*\\*63"):
         Refitter("local", target={"a": torch.zeros(1)}).push({"a": torch.ones(1)}, version=2**63)
+
+
+class _Recording(LocalSender):
+    """A local sender that records the order of the calls a push makes."""
+
+    def __init__(self, target: dict[str, torch.Tensor]) -> None:
+        super().__init__(target)
+        self.calls: list[str] = []
+
+    def stage(self, manifest: Manifest) -> None:
+        self.calls.append("stage")
+
+    def handshake(self, manifest: Manifest, version: int) -> None:
+        self.calls.append("handshake")
+        super().handshake(manifest, version)
+
+    def send(self, index: int, slot: int, nbytes: int) -> None:
+        self.calls.append(f"send {index}")
+        super().send(index, slot, nbytes)
+
+    def abort(self, reason: str) -> None:
+        self.calls.append("abort")
+        super().abort(reason)
+
+
+def test_first_bucket_is_packed_before_the_handshake_and_sent_after_it() -> None:
+    """Packing bucket 0 overlaps the handshake; nothing is sent before the verdict."""
+    target = {f"w{i}": torch.zeros(256) for i in range(4)}
+    sender = _Recording(target)
+    filled: list[int] = []
+    lazy = Lazy((256,), torch.float32, lambda out: (filled.append(len(sender.calls)), out.fill_(3.0)))
+    Refitter(sender, bucket_bytes=1024).push({"w0": lazy, **{f"w{i}": torch.ones(256) for i in range(1, 4)}})
+    assert sender.calls == ["stage", "handshake", "send 0", "send 1", "send 2", "send 3"]
+    assert filled == [1]  # bucket 0's Lazy was filled after stage, before the handshake
+    assert float(target["w0"][0]) == 3.0 and float(target["w3"][0]) == 1.0
+
+
+def test_refused_after_packing_bucket_zero_sends_nothing_and_aborts_nothing() -> None:
+    target = {"w": torch.zeros(256)}
+    sender = _Recording(target)
+    with pytest.raises(ResolveError, match="nope"):
+        Refitter(sender, bucket_bytes=1024).push({"w": torch.ones(256), "nope": torch.ones(256)})
+    assert sender.calls == ["stage", "handshake"]
+    assert not sender.loader.torn and float(target["w"].abs().sum()) == 0.0

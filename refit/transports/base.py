@@ -2,7 +2,9 @@
 
 A push is ``handshake -> buckets -> finish``. The trainer-side driver (:func:`stream`) owns the
 loop that is the same for every transport: wait until a staging buffer may be reused, pack the
-next bucket into it, hand it to the transport. A transport only says how a bucket's bytes and
+next bucket into it, hand it to the transport. The first bucket is packed into the sender's own
+staging buffer *before* the handshake, so the device copies overlap the receivers' answer;
+nothing reaches a receiver before it accepted the manifest. A transport only says how a bucket's bytes and
 the control messages reach the receivers. Receivers run a :class:`~refit.load.Loader`, which
 decides what is loaded; the transport only feeds it.
 
@@ -48,6 +50,11 @@ class Sender(ABC):
     def configure(self, bucket_bytes: int, num_buffers: int) -> None:
         """The push options, told once before the first handshake (transports that share their
         staging buffers at handshake allocate them to this size)."""
+
+    def stage(self, manifest: Manifest) -> None:
+        """A push of ``manifest`` begins: make ``buffers`` ready to be packed (before the
+        handshake) and forget the previous push's buffers in flight (it has finished or been
+        aborted)."""
 
     @abstractmethod
     def handshake(self, manifest: Manifest, version: int) -> None:
@@ -148,18 +155,25 @@ def stream(
     sources: Mapping[str, torch.Tensor | Lazy],
     *,
     num_buffers: int,
+    handshake: Callable[[], object] | None = None,
     progress: Progress | None = None,
     blocks: ScaleBlocks | None = None,
 ) -> dict[str, float]:
     """Pack and send every bucket of ``manifest`` with at most ``num_buffers`` in flight.
 
-    Returns seconds spent packing and waiting for buffer reuse. Chunked :class:`Lazy` sources
-    are materialized once (on the buffers' device) and dropped after their last chunk. Runs of
-    0-d tensors are packed with one strided copy (from ``blocks`` when it holds them stacked).
+    ``handshake`` (the sender's, bound to this push) is called once the first bucket is packed
+    and before it is sent, so the first copies overlap it; a refusal raises from here with
+    nothing sent. Returns seconds spent handshaking, packing and waiting for buffer reuse.
+    Chunked :class:`Lazy` sources are materialized once (on the buffers' device) and dropped
+    after their last chunk. Runs of 0-d tensors are packed with one strided copy (from
+    ``blocks`` when it holds them stacked).
     """
+    sender.stage(manifest)
     bufs = sender.buffers(manifest.bucket_bytes, num_buffers)
-    pack_s = wait_s = 0.0
+    pack_s = wait_s = handshake_s = 0.0
     materialized: dict[str, torch.Tensor] = {}
+    if handshake is not None and not manifest.num_buckets:
+        handshake()
     for index, metas in enumerate(manifest.by_bucket):
         slot = index % len(bufs)
         t0 = time.perf_counter()
@@ -185,9 +199,12 @@ def stream(
                 srcs.append(src)
         pack(bufs[slot], singles, srcs, non_blocking=bufs[slot].is_pinned())
         t2 = time.perf_counter()
+        if index == 0 and handshake is not None:
+            handshake()
+            handshake_s = time.perf_counter() - t2
         sender.send(index, slot, manifest.bucket_sizes[index])
         wait_s += t1 - t0
         pack_s += t2 - t1
         if progress is not None:
             progress(index + 1, manifest.num_buckets)
-    return {"pack": pack_s, "wait": wait_s}
+    return {"handshake": handshake_s, "pack": pack_s, "wait": wait_s}

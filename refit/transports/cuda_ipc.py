@@ -195,9 +195,12 @@ class CudaIpcSender(Sender):
             events=None if known or self.kind is Kind.SHM else tuple(s.event_handles()),
         ).encode()
 
-    def handshake(self, manifest: Manifest, version: int) -> None:
+    def stage(self, manifest: Manifest) -> None:
         self._slot_bucket.clear()
-        s = self._ensure_set(manifest)
+        self._ensure_set(manifest)
+
+    def handshake(self, manifest: Manifest, version: int) -> None:
+        s = self._ensure_set(manifest)  # the set stage() made (packed already): unchanged
         try:
             self.group.handshake(manifest, version, s.count, extra=self._offer)
         except RefitError:
@@ -212,7 +215,7 @@ class CudaIpcSender(Sender):
         """The shared buckets of this push (shared at handshake, ``configure``'s count)."""
         self._want = num_buffers
         if self._set is None:
-            raise TransportError("cuda_ipc: buffers() before handshake()")
+            raise TransportError("cuda_ipc: buffers() before stage()")
         return self._set.tensors
 
     def wait_reusable(self, slot: int) -> None:

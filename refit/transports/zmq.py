@@ -62,8 +62,10 @@ class ZmqSender(Sender):
         except (KeyError, TypeError):
             raise TransportError(f"zmq receivers must report an 'address'; got {list(infos)!r:.200}") from None
 
-    def handshake(self, manifest: Manifest, version: int) -> None:
+    def stage(self, manifest: Manifest) -> None:
         self._slot_bucket.clear()
+
+    def handshake(self, manifest: Manifest, version: int) -> None:
         self.group.handshake(manifest, version, self._num_buffers)
 
     def buffers(self, bucket_bytes: int, num_buffers: int) -> list[torch.Tensor]:
