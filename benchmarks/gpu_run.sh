@@ -2,8 +2,8 @@
 # Everything that needs the GPU machine, in one call (device time is scarce):
 #   gpu-tier tests, then the benchmarks, logs and JSON under $OUT.
 # Usage on the device machine (repo root, .whl carried): bash benchmarks/gpu_run.sh [1|2|all]
-# Part 1 (tests, then the local, cuda_ipc and scale benchmarks) and part 2 (zmq on the host's
-# cores) each fit one 10-minute call.
+# Part 1 (tests, then the local, cuda_ipc and scale benchmarks), part 2 (zmq on the host's
+# cores) and part 3 (cuda_ipc buffer settings compared) each fit one 10-minute call.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -22,4 +22,9 @@ step "scales cpu (16 cores)" 60 python3 benchmarks/bench_scales.py --device cpu 
 fi
 if [ "$part" = 2 ] || [ "$part" = all ]; then
 step "zmq 2 GiB (16 cores)" 180 python3 benchmarks/bench_zmq.py --gib 2 --bucket-mib 64 --bucket-mib 256 --json "$OUT/bench_zmq16.json" 2>&1 | tail -6
+fi
+if [ "$part" = 3 ] || [ "$part" = all ]; then
+for cfg in "1 4096" "1 2048" "2 1024" "2 2048"; do set -- $cfg
+step "cuda_ipc llama-8b, $1 buffer(s) of $2 MiB" 100 python3 benchmarks/bench_cuda_ipc.py --no-baselines --no-lazy --repeat 8 --num-buffers $1 --bucket-mb $2 --json "$OUT/bench_cuda_ipc_${1}x${2}.json" 2>&1 | grep -E "refit cuda_ipc|stages|ceiling"
+done
 fi
