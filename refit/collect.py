@@ -6,11 +6,13 @@ them before they apply any weight.
 
 Scales are the hot spot of pushes with many small tensors, so their layout is remembered
 between pushes, with a 1-d view of every 0-d scale (stacking 1-d views costs half of stacking
-0-d tensors). When the same scale tensors come again, still in the same memory (same names,
-same objects, same data pointers: quantizer buffers updated in place), the per-tensor checks
-are skipped and their values are validated and packed as stacked blocks (see ``scales.py``).
-A scale given new memory (``.data = ...``) makes the layout be built again. The views keep the
-scales' storages allocated until a push with other scales. Likewise a state whose names and tensor
+0-d tensors). When the scales of the next push sit in the same memory (same names, same data
+pointers: quantizer buffers updated in place, or new 0-d views of one flat buffer), the
+per-tensor checks are skipped and their values are read through the views, validated and packed
+as stacked blocks (see ``scales.py``). The views keep the scales' storages allocated until a
+push with other scales, so an equal address is the same memory; a scale given new memory
+(``.data = ...``) makes the layout be built again. (A scale is assumed to keep its dtype and
+rank while it keeps its memory.) Likewise a state whose names and tensor
 objects are those of the previous push is not re-checked (a tensor resized in place since
 then fails loudly at pack time, never silently).
 """
@@ -80,7 +82,6 @@ class _ScaleLayout:
     """What is remembered of the scales between pushes."""
 
     names: tuple[str, ...]
-    refs: list[weakref.ref[torch.Tensor]]  # weak: the layout must not keep the tensor objects alive
     ptrs: list[int]  # every scale's data_ptr
     entries: list[PlanEntry]
     groups: list[tuple[int, int]]  # [start, end) of stacked blocks
@@ -93,6 +94,14 @@ class _ScaleLayout:
 _DTYPE_OF = operator.attrgetter("dtype")
 _SHAPE_OF = operator.attrgetter("shape")
 _PTR_OF = torch.Tensor.data_ptr
+
+
+def _same_memory(ptrs: list[int], values: list[Any]) -> bool:
+    """True if ``values`` are tensors at the data pointers ``ptrs`` (a C-level loop)."""
+    try:
+        return list(map(_PTR_OF, values)) == ptrs
+    except (TypeError, RuntimeError):  # not a tensor, or one without storage: check it properly
+        return False
 
 
 def _signature(values: list[Any]) -> tuple[list[Any], list[Any]]:
@@ -170,12 +179,11 @@ class Collector:
             return None, None
         names, values = tuple(scales), list(scales.values())
         layout = self._layout
-        # The same tensors in the same memory as last push: the cached views read today's values.
+        # The same memory as last push: the cached views read today's values.
         fresh = not (
             layout is not None
             and layout.names == names
-            and _same_objects(layout.refs, values)
-            and list(map(_PTR_OF, values)) == layout.ptrs
+            and _same_memory(layout.ptrs, values)
             and all(values[i].dtype == layout.entries[i].dtype and values[i].shape == layout.entries[i].shape for i in layout.singles)
         )
         if fresh:
@@ -224,4 +232,4 @@ class Collector:
         masks = [amax_mask(names[s:e]) for s, e in groups]
         views = [[v.detach().view(1) for v in values[s:e]] for s, e in groups]
         ptrs = list(map(_PTR_OF, values))
-        return _ScaleLayout(names, [weakref.ref(v) for v in values], ptrs, entries, groups, views, masks, singles, position)
+        return _ScaleLayout(names, ptrs, entries, groups, views, masks, singles, position)

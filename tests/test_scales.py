@@ -74,6 +74,21 @@ def test_scale_given_new_memory_is_read_from_it() -> None:
     assert float(target[name]) == 7.5
 
 
+def test_new_views_of_one_flat_buffer_each_push() -> None:
+    """Scales handed over as fresh 0-d views of one buffer every push sit in the same memory:
+    the cached layout reads them, and every push carries that push's values."""
+    flat = torch.arange(1.0, 101.0)
+    names = [f"l{i}.weight_scale" for i in range(100)]
+    target = {n: torch.zeros(()) for n in names}
+    r = Refitter("local", target=target)
+    for step in range(3):
+        r.push({}, {n: flat[i] for i, n in enumerate(names)})
+        assert all(float(target[n]) == float(flat[i]) for i, n in enumerate(names)), step
+        flat.mul_(2)
+    with pytest.raises(PlanError, match="l3.weight_scale: expected a torch.Tensor"):
+        r.push({}, {n: (1.0 if i == 3 else flat[i]) for i, n in enumerate(names)})
+
+
 def test_bad_value_inside_a_run_is_named() -> None:
     scales = many_scales(100)
     r = Refitter("local", target={k: torch.zeros_like(v) for k, v in scales.items()})
