@@ -56,7 +56,7 @@ class LocalSender(Sender):
         self._bufs: list[torch.Tensor] = []
         self._apply: torch.cuda.Stream | None = None  # the GPU stream buckets are applied on
         self._packed: list[torch.cuda.Event] = []  # per buffer: recorded after it was packed
-        self._applied: list[torch.cuda.Event | None] = []  # per buffer: after it was applied
+        self._applied: list[torch.cuda.Event] = []  # per buffer: after it was applied
 
     def handshake(self, manifest: Manifest, version: int) -> None:
         problems = self.loader.prepare(manifest, version)
@@ -71,13 +71,12 @@ class LocalSender(Sender):
                 if self._apply is None:
                     self._apply = torch.cuda.Stream(self.device)
                 self._packed = [torch.cuda.Event() for _ in self._bufs]
-                self._applied = [None] * num_buffers
+                self._applied = [torch.cuda.Event() for _ in self._bufs]
         return self._bufs
 
     def wait_reusable(self, slot: int) -> None:
-        applied = self._applied[slot] if self._apply is not None else None
-        if applied is not None:  # packing waits on the GPU until the buffer was applied
-            torch.cuda.current_stream(self.device).wait_event(applied)
+        if self._apply is not None:  # packing waits on the GPU until the buffer was applied
+            torch.cuda.current_stream(self.device).wait_event(self._applied[slot])  # no-op before its first record
 
     def send(self, index: int, slot: int, nbytes: int) -> None:
         if self._apply is None:
@@ -87,8 +86,7 @@ class LocalSender(Sender):
         self._apply.wait_event(self._packed[slot])
         with torch.cuda.stream(self._apply):
             self.loader.apply(index, self._bufs[slot], persistent=True)
-        applied = self._applied[slot] = self._applied[slot] or torch.cuda.Event()
-        applied.record(self._apply)
+        self._applied[slot].record(self._apply)
 
     def finish(self) -> list[RefitReport]:
         if self._apply is not None:
