@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -106,11 +107,13 @@ class Refitter:
         if not isinstance(v, int) or not 0 <= v < 1 << 63:
             raise RefitError(f"version must be an int in [0, 2**63), got {v!r}")
         t1 = time.perf_counter()
-        pending = self.engine.begin_receive(self.timeout) if self.engine is not None else None
+        pending: Future[list[RefitReport]] | None = None
         accepted = False
 
         def handshake() -> None:  # called by stream() once the first bucket is packed
-            nonlocal accepted
+            nonlocal pending, accepted
+            if self.engine is not None:  # only now: a push that fails before this leaves the workers idle
+                pending = self.engine.begin_receive(self.timeout)
             self.sender.handshake(manifest, v)
             accepted = True
 
@@ -145,11 +148,12 @@ class Refitter:
             bytes=manifest.total_bytes,
             buckets=manifest.num_buckets,
             tensors=manifest.num_tensors,
-            seconds={"plan": t1 - t0, **stages, "stream": t3 - t1, "finish": t4 - t3, "total": t4 - t0},
+            seconds={"plan": t1 - t0, **stages, "stream": t3 - t1, "finish": t4 - t3, "total": t4 - t0},  # stream includes the handshake
             receivers=receivers,
         )
 
     def close(self) -> None:
+        self._collect.clear()
         self.sender.close()
         if self.engine is not None:
             self.engine.close()

@@ -10,9 +10,10 @@ between pushes, with a 1-d view of every 0-d scale (stacking 1-d views costs hal
 pointers: quantizer buffers updated in place, or new 0-d views of one flat buffer), the
 per-tensor checks are skipped and their values are read through the views, validated and packed
 as stacked blocks (see ``scales.py``). The views keep the scales' storages allocated until a
-push with other scales, so an equal address is the same memory; a scale given new memory
-(``.data = ...``) makes the layout be built again. (A scale is assumed to keep its dtype and
-rank while it keeps its memory.) Likewise a state whose names and tensor
+push with other scales (or ``Refitter.close``), so an equal address is the same memory; a scale
+given new memory (``.data = ...``) or another rank (``unsqueeze_``) makes the layout be built
+again. Not detected: a scale reinterpreted in place as another dtype of the same size, and a
+held storage resized in place (it moves) whose old address a new scale then takes. Likewise a state whose names and tensor
 objects are those of the previous push is not re-checked (a tensor resized in place since
 then fails loudly at pack time, never silently).
 """
@@ -82,7 +83,7 @@ class _ScaleLayout:
     """What is remembered of the scales between pushes."""
 
     names: tuple[str, ...]
-    ptrs: list[int]  # every scale's data_ptr
+    where: tuple[list[int], list[int]]  # every scale's data_ptr and rank
     entries: list[PlanEntry]
     groups: list[tuple[int, int]]  # [start, end) of stacked blocks
     views: list[list[torch.Tensor]]  # per group: a 1-d view of each scale (holds its storage)
@@ -93,13 +94,18 @@ class _ScaleLayout:
 
 _DTYPE_OF = operator.attrgetter("dtype")
 _SHAPE_OF = operator.attrgetter("shape")
-_PTR_OF = torch.Tensor.data_ptr
+_PTR_OF, _DIM_OF = torch.Tensor.data_ptr, torch.Tensor.dim
 
 
-def _same_memory(ptrs: list[int], values: list[Any]) -> bool:
-    """True if ``values`` are tensors at the data pointers ``ptrs`` (a C-level loop)."""
+def _where(values: list[Any]) -> tuple[list[int], list[int]]:
+    """Data pointers and ranks of ``values`` (C-level loops)."""
+    return list(map(_PTR_OF, values)), list(map(_DIM_OF, values))
+
+
+def _same_memory(where: tuple[list[int], list[int]], values: list[Any]) -> bool:
+    """True if ``values`` are tensors at the data pointers and of the ranks in ``where``."""
     try:
-        return list(map(_PTR_OF, values)) == ptrs
+        return _where(values) == where
     except (TypeError, RuntimeError):  # not a tensor, or one without storage: check it properly
         return False
 
@@ -119,7 +125,7 @@ class Collector:
     """Validates push input; remembers the scales' layout between pushes."""
 
     def __init__(self) -> None:
-        self._layout: _ScaleLayout | None = None
+        self._layout: _ScaleLayout | None = None  # holds views of the last scales (their storages)
         # the last state (names and tensor objects) and what it gave, reused when the same
         # tensors come again (e.g. the same parameters every step)
         self._last: tuple[_ScaleLayout | None, tuple[str, ...], list[weakref.ref[Any]], list[PlanEntry], tuple[list[Any], list[Any]]] | None = None
@@ -174,6 +180,11 @@ class Collector:
                 self._last = None
         return Collected(entries, sources, blocks)
 
+    def clear(self) -> None:
+        """Forget what was remembered of the last push (and release the scales' storages)."""
+        self._layout = None
+        self._last = None
+
     def _scales(self, scales: Mapping[str, torch.Tensor], problems: list[str]) -> tuple[_ScaleLayout | None, ScaleBlocks | None]:
         if not scales:
             return None, None
@@ -183,7 +194,7 @@ class Collector:
         fresh = not (
             layout is not None
             and layout.names == names
-            and _same_memory(layout.ptrs, values)
+            and _same_memory(layout.where, values)
             and all(values[i].dtype == layout.entries[i].dtype and values[i].shape == layout.entries[i].shape for i in layout.singles)
         )
         if fresh:
@@ -221,7 +232,7 @@ class Collector:
         while i < len(entries):
             j = i + 1
             if entries[i].shape == ():
-                while j < len(entries) and entries[j].shape == () and entries[j].dtype == entries[i].dtype:
+                while j < len(entries) and entries[j].shape == () and entries[j].dtype == entries[i].dtype and values[j].device == values[i].device:
                     j += 1
             if j - i >= MIN_RUN:
                 groups.append((i, j))
@@ -231,5 +242,4 @@ class Collector:
         position = {names[x]: (g, x - s) for g, (s, e) in enumerate(groups) for x in range(s, e)}
         masks = [amax_mask(names[s:e]) for s, e in groups]
         views = [[v.detach().view(1) for v in values[s:e]] for s, e in groups]
-        ptrs = list(map(_PTR_OF, values))
-        return _ScaleLayout(names, ptrs, entries, groups, views, masks, singles, position)
+        return _ScaleLayout(names, _where(values), entries, groups, views, masks, singles, position)

@@ -16,7 +16,8 @@ class RefitReport:
         buckets: buckets streamed.
         tensors: tensors in the manifest (weights and scales).
         seconds: wall seconds per stage (``plan``, ``handshake``, ``pack``, ``stream``,
-            ``apply``, ``finish``, ``total``; a stage a side does not run is absent).
+            ``apply``, ``finish``, ``total``; a stage a side does not run is absent). On the
+            sender, ``stream`` includes the handshake, which overlaps packing the first bucket.
         loaded: tensors applied to a local target (receiver side).
         remote: tensors consumed but owned by another pipeline stage (receiver side).
         peer: who wrote the report (``"sender"`` or a receiver's name).

@@ -130,3 +130,13 @@ def test_runs_with_remote_entries_fall_back_to_single_steps() -> None:
     rep = Refitter("local", target=loader).push({}, {n: torch.tensor(float(i + 1)) for i, n in enumerate(names)})
     assert rep.receivers[0].loaded == 8 and rep.receivers[0].remote == 8
     assert [float(target[n]) for n in names[:8]] == [float(i + 1) for i in range(8)]
+
+
+def test_scale_changing_rank_in_place_is_checked_again() -> None:
+    """Same memory, another rank: the cached layout must not push it as 0-d."""
+    scales = many_scales(40)
+    r = Refitter("local", target={k: torch.zeros_like(v) for k, v in scales.items()})
+    r.push({}, scales)
+    scales["l3.weight_scale"].unsqueeze_(0)
+    with pytest.raises(ResolveError, match=r"l3.weight_scale: shape \[1\] does not match target \[\]"):
+        r.push({}, scales)

@@ -343,3 +343,47 @@ def test_stale_abort_does_not_end_the_next_wait_and_bad_hello_is_answered() -> N
     assert reply.push_id == 77 and "version" in reply.reason  # type: ignore[union-attr]
     sock.close()
     rx.close()
+
+
+class _ThreadEngine:
+    """An EngineHandle whose one worker is a zmq receiver served from a thread."""
+
+    def __init__(self, target: dict[str, torch.Tensor]) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from refit.load import Loader
+        from refit.resolve import TensorsResolver
+        from refit.transports.zmq import ZmqReceiver
+
+        self.rx, self.loader = ZmqReceiver(), Loader(TensorsResolver(target))
+        self.pool = ThreadPoolExecutor(1)
+        self.begun = 0
+
+    def open(self, transport: str, options: Any) -> list[dict[str, Any]]:
+        return [self.rx.info()]
+
+    def begin_receive(self, timeout: float) -> Any:
+        self.begun += 1
+        return self.pool.submit(lambda: [r for r in [self.rx.receive(self.loader, timeout)] if r is not None])
+
+    def close(self) -> None:
+        self.rx.close()
+        self.pool.shutdown()
+
+
+def test_engine_push_failing_before_the_handshake_leaves_the_workers_idle() -> None:
+    """Bucket 0 is packed before the handshake; if that fails, the engine's workers must not have
+    been started on a receive that no hello (and no abort) would ever end."""
+    target = {"w": torch.zeros(8)}
+    engine = _ThreadEngine(target)
+
+    def boom(out: torch.Tensor) -> None:
+        raise RuntimeError("fill failed")
+
+    with Refitter("zmq", engine=engine, timeout=30) as r:
+        with pytest.raises(RuntimeError, match="fill failed"):
+            r.push({"w": Lazy((8,), torch.float32, boom)})
+        assert engine.begun == 0
+        report = r.push({"w": torch.ones(8)})
+    assert engine.begun == 1 and report.receivers[0].loaded == 1
+    assert torch.equal(target["w"], torch.ones(8))

@@ -173,7 +173,9 @@ def stream(
     pack_s = wait_s = handshake_s = 0.0
     materialized: dict[str, torch.Tensor] = {}
     if handshake is not None and not manifest.num_buckets:
+        t0 = time.perf_counter()
         handshake()
+        handshake_s = time.perf_counter() - t0
     for index, metas in enumerate(manifest.by_bucket):
         slot = index % len(bufs)
         t0 = time.perf_counter()

@@ -212,8 +212,8 @@ class CudaIpcSender(Sender):
         self._want = num_buffers
 
     def buffers(self, bucket_bytes: int, num_buffers: int) -> list[torch.Tensor]:
-        """The shared buckets of this push (shared at handshake, ``configure``'s count)."""
-        self._want = num_buffers
+        """The shared buckets of this push (made by ``stage`` with ``configure``'s count, shared
+        at handshake; changing the count here would swap the set under a packed bucket)."""
         if self._set is None:
             raise TransportError("cuda_ipc: buffers() before stage()")
         return self._set.tensors

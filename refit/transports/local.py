@@ -5,7 +5,8 @@ transport is checked against. The manifest still goes through the strict loader,
 push refuses exactly what a remote one would. Buckets live on the target's device (or the one
 given) and are applied as soon as they are packed.
 
-On a GPU the buckets are applied on a stream of their own, so applying bucket ``i`` overlaps
+On a GPU, for a module or dict target (pure copies into its tensors), the buckets are applied
+on a stream of their own, so applying bucket ``i`` overlaps
 packing bucket ``i + 1`` (as it does when the receiver is another device or process): each
 copy's tail, and the gap before the next copy starts, is filled by the other stream's copies.
 Events order the two: a bucket is applied after it was packed, and a buffer is packed again
@@ -67,7 +68,8 @@ class LocalSender(Sender):
         if len(self._bufs) != num_buffers or self._bufs[0].numel() != bucket_bytes:
             self._drain()
             self._bufs = [torch.empty(bucket_bytes, dtype=torch.uint8, device=self.device) for _ in range(num_buffers)]
-            if self.device.type == "cuda":
+            if self.device.type == "cuda" and isinstance(self.loader.resolver, TensorsResolver):
+                # other resolvers may run load hooks that allocate: those stay on the caller's stream
                 if self._apply is None:
                     self._apply = torch.cuda.Stream(self.device)
                 self._packed = [torch.cuda.Event() for _ in self._bufs]
@@ -84,9 +86,11 @@ class LocalSender(Sender):
             return
         self._packed[slot].record(torch.cuda.current_stream(self.device))
         self._apply.wait_event(self._packed[slot])
-        with torch.cuda.stream(self._apply):
-            self.loader.apply(index, self._bufs[slot], persistent=True)
-        self._applied[slot].record(self._apply)
+        try:
+            with torch.cuda.stream(self._apply):
+                self.loader.apply(index, self._bufs[slot], persistent=True)
+        finally:  # also after a refusal: copies already queued must end before the buffer is reused
+            self._applied[slot].record(self._apply)
 
     def finish(self) -> list[RefitReport]:
         if self._apply is not None:

@@ -121,3 +121,16 @@ def test_scale_runs_with_amax_on_cuda(src_device: str) -> None:
     scales["l3.weight_scale"].fill_(-1.0)
     with pytest.raises(refit.PlanError, match="l3.weight_scale"):
         Refitter("local", target=target).push({}, scales)
+
+
+def test_scales_on_two_devices_are_stacked_per_device() -> None:
+    """0-d scales of one dtype but on different devices form separate stacked groups."""
+    scales = {f"l{i}.weight_scale": torch.tensor(1.0 + i, device="cuda" if i < 12 else "cpu") for i in range(24)}
+    target = {k: torch.zeros((), device="cuda") for k in scales}
+    with Refitter("local", target=target) as r:
+        for step in range(2):
+            r.push({}, scales)
+            for k, v in scales.items():
+                assert float(target[k]) == float(v), (step, k)
+            for v in scales.values():
+                v.mul_(2)
