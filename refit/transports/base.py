@@ -186,8 +186,10 @@ def stream(
         for i, j, is_run in manifest.segments[index]:
             run = metas[i:j]
             stacked = blocks.source(run) if is_run and blocks is not None else None
-            if stacked is None and is_run and not any(isinstance(sources[m.name], Lazy) for m in run):
-                stacked = torch.stack([sources[m.name] for m in run])  # type: ignore[misc]
+            if stacked is None and is_run:
+                values = [sources[m.name] for m in run]
+                if not any(isinstance(v, Lazy) for v in values) and len({v.device for v in values}) == 1:  # type: ignore[union-attr]
+                    stacked = torch.stack(values)  # type: ignore[arg-type]
             if stacked is not None:
                 run_view(bufs[slot], run).copy_(stacked, non_blocking=bufs[slot].is_pinned())
                 continue
