@@ -13,9 +13,10 @@ as stacked blocks (see ``scales.py``). The views keep the scales' storages alloc
 push with other scales (or ``Refitter.close``), so an equal address is the same memory; a scale
 given new memory (``.data = ...``) or another rank (``unsqueeze_``) makes the layout be built
 again. Not detected: a scale reinterpreted in place as another dtype of the same size, and a
-held storage resized in place (it moves) whose old address a new scale then takes. Likewise a state whose names and tensor
-objects are those of the previous push is not re-checked (a tensor resized in place since
-then fails loudly at pack time, never silently).
+held storage resized in place (it moves) whose old address a new scale then takes.
+
+Likewise a state whose names and tensor objects are those of the previous push is not
+re-checked (a tensor resized in place since then fails loudly at pack time, never silently).
 """
 
 from __future__ import annotations

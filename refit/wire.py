@@ -17,6 +17,7 @@ import msgpack
 
 from refit.errors import PlanError, WireError
 from refit.meta import DTYPES, Manifest, Role, TensorMeta, dtype_from_name, dtype_name, itemsize
+from refit.plan import MIN_ALIGNMENT
 from refit.report import RefitReport
 
 MAX_MESSAGE_BYTES = 1 << 30
@@ -46,13 +47,13 @@ def manifest_digest(m: Manifest) -> str:
     return hashlib.sha256(msgpack.packb(manifest_to_wire(m), use_bin_type=True)).hexdigest()
 
 
-def _int(v: Any, field: str, lo: int = 0, hi: int = MAX_U64) -> int:
+def check_int(v: Any, field: str, lo: int = 0, hi: int = MAX_U64) -> int:
     if type(v) is not int or not lo <= v <= hi:
         raise WireError(f"field {field!r}: expected an int in [{lo}, {hi}], got {v!r:.80}")
     return v
 
 
-def _str(v: Any, field: str, max_len: int = MAX_NAME_LEN) -> str:
+def check_str(v: Any, field: str, max_len: int = MAX_NAME_LEN) -> str:
     if type(v) is not str or len(v) > max_len:
         raise WireError(f"field {field!r}: expected a string of at most {max_len} characters")
     return v
@@ -80,11 +81,12 @@ def manifest_from_wire(d: Any) -> Manifest:
     """Validate and decode a manifest; raises :class:`WireError` naming the bad field."""
     if type(d) is not dict:
         raise WireError("field 'manifest': expected a map")
-    bucket_bytes = _int(d.get("bucket_bytes"), "manifest.bucket_bytes", 1)
-    alignment = _int(d.get("alignment"), "manifest.alignment", 1, 1 << 30)
-    if alignment & (alignment - 1) or alignment < 16:
-        raise WireError("field 'manifest.alignment': must be a power of two >= 16")
-    sizes = [_int(s, f"manifest.bucket_sizes[{i}]", 0, bucket_bytes) for i, s in enumerate(_list(d.get("bucket_sizes"), "manifest.bucket_sizes"))]
+    bucket_bytes = check_int(d.get("bucket_bytes"), "manifest.bucket_bytes", 1)
+    alignment = check_int(d.get("alignment"), "manifest.alignment", 1, 1 << 30)
+    if alignment & (alignment - 1) or alignment < MIN_ALIGNMENT:
+        raise WireError(f"field 'manifest.alignment': must be a power of two >= {MIN_ALIGNMENT}")
+    raw_sizes = _list(d.get("bucket_sizes"), "manifest.bucket_sizes")
+    sizes = [check_int(s, f"manifest.bucket_sizes[{i}]", 0, bucket_bytes) for i, s in enumerate(raw_sizes)]
     rows = _list(d.get("tensors"), "manifest.tensors")
     metas: list[TensorMeta] = []
     names: set[str] = set()
@@ -94,27 +96,27 @@ def manifest_from_wire(d: Any) -> Manifest:
         f = f"manifest.tensors[{i}]"
         if type(row) is not list or len(row) != 10:
             raise WireError(f"field {f!r}: expected a list of 10 values")
-        name = _str(row[0], f + ".name")
+        name = check_str(row[0], f + ".name")
         if not name:
             raise WireError(f"field {f + '.name'!r}: empty name")
         try:
             dtype = dtype_from_name(row[1])
         except PlanError:
             raise WireError(f"field {f + '.dtype'!r}: unknown dtype {row[1]!r:.40}; known: {sorted(DTYPES)}") from None
-        shape = tuple(_int(x, f"{f}.shape[{j}]", 0, MAX_DIM) for j, x in enumerate(_list(row[2], f + ".shape", MAX_DIMS)))
+        shape = tuple(check_int(x, f"{f}.shape[{j}]", 0, MAX_DIM) for j, x in enumerate(_list(row[2], f + ".shape", MAX_DIMS)))
         try:
             role = Role(row[3])
         except ValueError:
             raise WireError(f"field {f + '.role'!r}: expected one of {[r.value for r in Role]}") from None
-        bucket = _int(row[4], f + ".bucket", 0, max(len(sizes) - 1, 0))
+        bucket = check_int(row[4], f + ".bucket", 0, max(len(sizes) - 1, 0))
         if not sizes or bucket < last_bucket:
             raise WireError(f"field {f + '.bucket'!r}: buckets must be non-decreasing and exist")
         last_bucket = bucket
-        offset = _int(row[5], f + ".offset", 0, bucket_bytes)
-        nbytes = _int(row[6], f + ".nbytes", 0, bucket_bytes)
-        chunk = _int(row[7], f + ".chunk", 0)
-        chunks = _int(row[8], f + ".chunks", 1)
-        start = _int(row[9], f + ".start", 0)
+        offset = check_int(row[5], f + ".offset", 0, bucket_bytes)
+        nbytes = check_int(row[6], f + ".nbytes", 0, bucket_bytes)
+        chunk = check_int(row[7], f + ".chunk", 0)
+        chunks = check_int(row[8], f + ".chunks", 1)
+        start = check_int(row[9], f + ".start", 0)
         if offset % alignment:
             raise WireError(f"field {f + '.offset'!r}: {offset} is not aligned to {alignment}")
         if offset + nbytes > sizes[bucket]:
@@ -284,14 +286,14 @@ def report_from_wire(d: Any) -> RefitReport:
             raise WireError("field 'report.seconds': expected stage name -> non-negative seconds")
         seconds[k] = float(v)
     return RefitReport(
-        version=_int(d.get("version"), "report.version"),
-        bytes=_int(d.get("bytes"), "report.bytes"),
-        buckets=_int(d.get("buckets"), "report.buckets"),
-        tensors=_int(d.get("tensors"), "report.tensors"),
+        version=check_int(d.get("version"), "report.version"),
+        bytes=check_int(d.get("bytes"), "report.bytes"),
+        buckets=check_int(d.get("buckets"), "report.buckets"),
+        tensors=check_int(d.get("tensors"), "report.tensors"),
         seconds=seconds,
-        loaded=_int(d.get("loaded"), "report.loaded"),
-        remote=_int(d.get("remote"), "report.remote"),
-        peer=_str(d.get("peer"), "report.peer", 256),
+        loaded=check_int(d.get("loaded"), "report.loaded"),
+        remote=check_int(d.get("remote"), "report.remote"),
+        peer=check_str(d.get("peer"), "report.peer", 256),
     )
 
 
@@ -322,15 +324,15 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     if type(d) is not dict:
         raise WireError("field 'type': a message must be a map with a 'type'")
     kind = d.get("type")
-    push_id = _int(d.get("push_id"), "push_id")
+    push_id = check_int(d.get("push_id"), "push_id")
     if kind == "hello":
         raw_manifest = d.get("manifest")
         return Hello(
             push_id=push_id,
-            version=_int(d.get("version"), "version"),
-            digest=_str(d.get("digest"), "digest", 128),
+            version=check_int(d.get("version"), "version"),
+            digest=check_str(d.get("digest"), "digest", 128),
             manifest=None if raw_manifest is None else manifest_from_wire(raw_manifest),
-            num_buffers=_int(d.get("num_buffers"), "num_buffers", 1, 64),
+            num_buffers=check_int(d.get("num_buffers"), "num_buffers", 1, 64),
             extra=_bytes(d.get("extra", b""), "extra", 1 << 20),
         )
     if kind == "verdict":
@@ -339,17 +341,17 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
             push_id=push_id,
             accept=_bool(d.get("accept"), "accept"),
             need_manifest=_bool(d.get("need_manifest"), "need_manifest"),
-            problems=tuple(_str(p, f"problems[{i}]") for i, p in enumerate(problems)),
-            peer=_str(d.get("peer"), "peer", 256),
+            problems=tuple(check_str(p, f"problems[{i}]") for i, p in enumerate(problems)),
+            peer=check_str(d.get("peer"), "peer", 256),
         )
     if kind == "bucket":
-        return Bucket(push_id, _int(d.get("index"), "index"), _int(d.get("nbytes"), "nbytes"), _int(d.get("slot"), "slot", 0, 63))
+        return Bucket(push_id, check_int(d.get("index"), "index"), check_int(d.get("nbytes"), "nbytes"), check_int(d.get("slot"), "slot", 0, 63))
     if kind == "ack":
-        return Ack(push_id, _int(d.get("index"), "index"))
+        return Ack(push_id, check_int(d.get("index"), "index"))
     if kind == "finish":
         return Finish(push_id)
     if kind == "done":
         return Done(push_id, report_from_wire(d.get("report")))
     if kind == "abort":
-        return Abort(push_id, _str(d.get("reason"), "reason", 1 << 20))
+        return Abort(push_id, check_str(d.get("reason"), "reason", 1 << 20))
     raise WireError(f"field 'type': unknown message type {kind!r:.40}")

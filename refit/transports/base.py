@@ -4,8 +4,8 @@ A push is ``handshake -> buckets -> finish``. The trainer-side driver (:func:`st
 loop that is the same for every transport: wait until a staging buffer may be reused, pack the
 next bucket into it, hand it to the transport. The first bucket is packed into the sender's own
 staging buffer *before* the handshake, so the device copies overlap the receivers' answer;
-nothing reaches a receiver before it accepted the manifest. A transport only says how a bucket's bytes and
-the control messages reach the receivers. Receivers run a :class:`~refit.load.Loader`, which
+nothing reaches a receiver before it accepted the manifest. A transport only says how a
+bucket's bytes and the control messages reach the receivers. Receivers run a :class:`~refit.load.Loader`, which
 decides what is loaded; the transport only feeds it.
 
 Transports are found by name and imported when first used, so ``import refit`` needs only torch.
@@ -170,6 +170,7 @@ def stream(
     """
     sender.stage(manifest)
     bufs = sender.buffers(manifest.bucket_bytes, num_buffers)
+    pinned = bool(bufs) and bufs[0].is_pinned()  # host staging for a GPU source: non-blocking copies
     pack_s = wait_s = handshake_s = 0.0
     materialized: dict[str, torch.Tensor] = {}
     if handshake is not None and not manifest.num_buckets:
@@ -191,7 +192,7 @@ def stream(
                 if not any(isinstance(v, Lazy) for v in values) and len({v.device for v in values}) == 1:  # type: ignore[union-attr]
                     stacked = torch.stack(values)  # type: ignore[arg-type]
             if stacked is not None:
-                run_view(bufs[slot], run).copy_(stacked, non_blocking=bufs[slot].is_pinned())
+                run_view(bufs[slot], run).copy_(stacked, non_blocking=pinned)
                 continue
             for m in run:
                 src = sources[m.name]
@@ -201,7 +202,7 @@ def stream(
                     src = materialized[m.name] if m.chunk < m.chunks - 1 else materialized.pop(m.name)
                 singles.append(m)
                 srcs.append(src)
-        pack(bufs[slot], singles, srcs, non_blocking=bufs[slot].is_pinned())
+        pack(bufs[slot], singles, srcs, non_blocking=pinned)
         t2 = time.perf_counter()
         if index == 0 and handshake is not None:
             handshake()

@@ -48,6 +48,7 @@ import msgpack
 import torch
 
 from refit.errors import TransportError, WireError
+from refit.transports.shared_buffers import cuda_index
 
 RENDEZVOUS_VERSION = 1
 # cupy's broadcast takes an ``int`` count: larger buckets go in pieces below 2**31.
@@ -192,7 +193,6 @@ class StoreServer:
     """
 
     def __init__(self, host: str, timeout: float) -> None:
-        self.host = host
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -381,7 +381,7 @@ class NcclCommunicator(Communicator):
         self.nccl = nccl
         self.rank, self.world, self.timeout = rank, rdv.world, rdv.timeout
         self.name = f"NCCL group {rdv.group} (rank {rank} of {rdv.world})"
-        self.device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+        self.device = torch.device("cuda", cuda_index(device))
         _barrier(store, "init", rdv.world, rdv.timeout, self.name)
         import cupy
 

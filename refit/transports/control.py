@@ -2,7 +2,7 @@
 
 Sender side, :class:`PeerGroup`: one DEALER socket per receiver. ``handshake`` offers the
 manifest (only its digest when the receiver accepted that layout before), gathers every verdict
-and refuses the whole push if one receiver refuses. ``send_bucket`` / ``wait_acked`` implement
+and refuses the whole push if one receiver refuses. ``send_bucket`` / ``wait_slot`` implement
 the bounded window (a staging buffer is reused only after every receiver acknowledged the bucket
 in it). ``finish`` collects each receiver's report.
 
@@ -92,6 +92,7 @@ class PeerGroup:
         self.timeout = timeout
         self.peers = [Peer(self.ctx, a, timeout) for a in addresses]
         self.push_id = 0
+        self._in_slot: dict[int, int] = {}  # staging slot -> last bucket sent from it (this push)
 
     def handshake(
         self,
@@ -165,6 +166,16 @@ class PeerGroup:
     def send_bucket(self, index: int, nbytes: int, slot: int, *data: Any) -> None:
         for p in self.peers:
             p.send(Bucket(self.push_id, index, nbytes, slot), *data)
+        self._in_slot[slot] = index
+
+    def wait_slot(self, slot: int) -> bool:
+        """Block until every receiver acknowledged the last bucket sent from ``slot`` in this
+        push; False if none was (the slot is free at once)."""
+        index = self._in_slot.get(slot)
+        if index is None:
+            return False
+        self.wait_acked(index)
+        return True
 
     def wait_acked(self, index: int) -> None:
         """Block until every receiver acknowledged bucket ``index`` (and all before it)."""
@@ -176,6 +187,7 @@ class PeerGroup:
                 p.acked = msg.index
 
     def finish(self) -> list[RefitReport]:
+        self._in_slot.clear()  # every bucket is acknowledged before Done
         for p in self.peers:
             p.send(Finish(self.push_id))
         reports = []
@@ -192,6 +204,7 @@ class PeerGroup:
         return reports
 
     def abort(self, reason: str) -> None:
+        self._in_slot.clear()  # nothing of this push is waited for again
         for p in self.peers:
             with contextlib.suppress(Exception):
                 p.sock.send_multipart([encode(Abort(self.push_id, reason[:1000]))], flags=zmq.NOBLOCK)

@@ -54,6 +54,7 @@ from refit.transports.shared_buffers import (
     Offer,
     SharedBuffers,
     Sync,
+    cuda_index,
     decode_offer,
     gpu_uuid,
     host_id,
@@ -71,7 +72,7 @@ def _device(device: str | torch.device) -> torch.device:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise TransportError(f"device {device!r}: CUDA is not available here; use device='cpu' (shared memory)")
-        return torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
+        return torch.device("cuda", cuda_index(dev))
     if dev.type != "cpu":
         raise TransportError(f"cuda_ipc supports device 'cuda[:N]' or 'cpu' (shared memory), got {device!r}")
     return dev
@@ -134,8 +135,7 @@ class CudaIpcSender(Sender):
         self.sender_id = secrets.randbits(62)
         self._want = num_buffers
         self._set: SharedBuffers | None = None
-        self._peer_set: list[int | None] = [None] * len(addresses)  # the set each peer has open
-        self._slot_bucket: dict[int, int] = {}
+        self._offered: int | None = None  # the set_id every receiver has open
         self._done: list[list[torch.cuda.Event]] = []  # per peer: its "consumed" events
         if self.sync is Sync.EVENT:
             self._done = [[torch.cuda.Event.from_ipc_handle(self.device, bytes.fromhex(h)) for h in i["events"]] for i in infos]
@@ -181,7 +181,7 @@ class CudaIpcSender(Sender):
         s = self._set
         if s is None:  # handshake allocates first
             raise TransportError("cuda_ipc: no buffer set")
-        known = self._peer_set[i] == s.set_id
+        known = self._offered == s.set_id
         return Offer(
             kind=self.kind,
             sender=self.sender_id,
@@ -196,17 +196,16 @@ class CudaIpcSender(Sender):
         ).encode()
 
     def stage(self, manifest: Manifest) -> None:
-        self._slot_bucket.clear()
         self._ensure_set(manifest)
 
     def handshake(self, manifest: Manifest, version: int) -> None:
-        s = self._ensure_set(manifest)  # the set stage() made (packed already): unchanged
+        s = self._ensure_set(manifest)  # the set stage() made, unchanged (bucket 0 is in it)
         try:
             self.group.handshake(manifest, version, s.count, extra=self._offer)
         except RefitError:
-            self._peer_set = [None] * len(self._peer_set)  # resend handles next time (cheap, idempotent)
+            self._offered = None  # resend handles next time (cheap, idempotent)
             raise
-        self._peer_set = [s.set_id] * len(self._peer_set)
+        self._offered = s.set_id
 
     def configure(self, bucket_bytes: int, num_buffers: int) -> None:
         self._want = num_buffers
@@ -219,13 +218,9 @@ class CudaIpcSender(Sender):
         return self._set.tensors
 
     def wait_reusable(self, slot: int) -> None:
-        index = self._slot_bucket.get(slot)
-        if index is None:
-            return
-        self.group.wait_acked(index)
-        if self.sync is Sync.EVENT:
-            # The ack for ``index`` was sent after the receiver recorded its event, so the
-            # stream waits at least for that bucket's copies (a later record only waits longer).
+        if self.group.wait_slot(slot) and self.sync is Sync.EVENT:
+            # The ack of the slot's last bucket was sent after the receiver recorded its event, so
+            # the stream waits at least for that bucket's copies (a later record only waits longer).
             stream = torch.cuda.current_stream(self.device)
             for events in self._done:
                 stream.wait_event(events[slot % len(events)])
@@ -239,7 +234,6 @@ class CudaIpcSender(Sender):
         elif self.kind is Kind.CUDA:
             torch.cuda.current_stream(self.device).synchronize()
         self.group.send_bucket(index, nbytes, slot)
-        self._slot_bucket[slot] = index
 
     def finish(self) -> list[RefitReport]:
         return self.group.finish()

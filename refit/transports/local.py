@@ -6,9 +6,9 @@ push refuses exactly what a remote one would. Buckets live on the target's devic
 given) and are applied as soon as they are packed.
 
 On a GPU, for a module or dict target (pure copies into its tensors), the buckets are applied
-on a stream of their own, so applying bucket ``i`` overlaps
-packing bucket ``i + 1`` (as it does when the receiver is another device or process): each
-copy's tail, and the gap before the next copy starts, is filled by the other stream's copies.
+on a stream of their own, so applying bucket ``i`` overlaps packing bucket ``i + 1`` (as it
+does when the receiver is another device or process): each copy's tail, and the gap before the
+next copy starts, is filled by the other stream's copies.
 Events order the two: a bucket is applied after it was packed, and a buffer is packed again
 only after it was applied. ``finish`` joins the streams before it commits.
 """

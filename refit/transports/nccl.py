@@ -29,7 +29,6 @@ already guarantee); rendezvous through pickled objects or the default process gr
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -313,23 +312,16 @@ class NcclReceiver(ReceiverTransport):
 
     def receive(self, loader: Loader, timeout: float | None, *, push_timeout: float | None = None) -> RefitReport | None:
         in_push = timeout if push_timeout is None else push_timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                hello = self.server.begin(loader, left, on_hello=self._join, push_timeout=in_push)
-            except ResolveError:
-                self._after_refusal()
-                raise
-            except BaseException:
-                self._drop_group()
-                raise
-            if hello is not None:
-                break
-            # begin() also returns None for a stray message (e.g. the Abort of a refused push
-            # that this receiver had accepted): keep waiting until the deadline
-            if deadline is not None and time.monotonic() >= deadline:
-                return None
+        try:  # begin() skips stray messages itself; None means no push began in time
+            hello = self.server.begin(loader, timeout, on_hello=self._join, push_timeout=in_push)
+        except ResolveError:
+            self._after_refusal()
+            raise
+        except BaseException:
+            self._drop_group()
+            raise
+        if hello is None:
+            return None
         try:
             with self.server.guard(loader, hello):
                 self._stream(loader, hello)

@@ -45,6 +45,7 @@ import msgpack
 import torch
 
 from refit.errors import TransportError, WireError
+from refit.wire import MAX_U64, check_int, check_str
 
 MAX_BUFFERS = 64  # Hello.num_buffers and Bucket.slot allow at most this many
 IPC_HANDLE_BYTES = 64  # sizeof(cudaIpcMemHandle_t) == sizeof(cudaIpcEventHandle_t)
@@ -181,18 +182,12 @@ class Offer:
         )
 
 
-def _int(d: dict[str, Any], key: str, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
-    v = d.get(key)
-    if type(v) is not int or not lo <= v <= hi:
-        raise WireError(f"field 'extra.{key}': expected an int in [{lo}, {hi}]")
-    return v
+def _int(d: dict[str, Any], key: str, lo: int = 0, hi: int = MAX_U64) -> int:
+    return check_int(d.get(key), f"extra.{key}", lo, hi)
 
 
 def _str(d: dict[str, Any], key: str) -> str:
-    v = d.get(key)
-    if type(v) is not str or len(v) > 256:
-        raise WireError(f"field 'extra.{key}': expected a string of at most 256 characters")
-    return v
+    return check_str(d.get(key), f"extra.{key}", 256)
 
 
 def decode_offer(data: bytes) -> Offer:

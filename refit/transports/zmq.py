@@ -51,7 +51,6 @@ class ZmqSender(Sender):
             peers = [peers]
         self.group = PeerGroup(list(peers), timeout=timeout)
         self._bufs: list[torch.Tensor] = []
-        self._slot_bucket: dict[int, int] = {}
         self._num_buffers = 2
 
     @classmethod
@@ -61,9 +60,6 @@ class ZmqSender(Sender):
             return cls([str(i["address"]) for i in infos], timeout=timeout)
         except (KeyError, TypeError):
             raise TransportError(f"zmq receivers must report an 'address'; got {list(infos)!r:.200}") from None
-
-    def stage(self, manifest: Manifest) -> None:
-        self._slot_bucket.clear()
 
     def handshake(self, manifest: Manifest, version: int) -> None:
         self.group.handshake(manifest, version, self._num_buffers)
@@ -75,16 +71,13 @@ class ZmqSender(Sender):
         return self._bufs
 
     def wait_reusable(self, slot: int) -> None:
-        index = self._slot_bucket.get(slot)
-        if index is not None:
-            self.group.wait_acked(index)
+        self.group.wait_slot(slot)
 
     def send(self, index: int, slot: int, nbytes: int) -> None:
         buf = self._bufs[slot]
         if buf.is_pinned():  # pack used non-blocking device-to-host copies
             torch.cuda.current_stream().synchronize()
         self.group.send_bucket(index, nbytes, slot, host_bytes(buf)[:nbytes])
-        self._slot_bucket[slot] = index
 
     def finish(self) -> list[RefitReport]:
         return self.group.finish()
