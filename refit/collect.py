@@ -45,7 +45,6 @@ StateLike = Mapping[str, "torch.Tensor | Lazy"] | Iterable[tuple[str, "torch.Ten
 class ScaleBlocks:
     """Consecutive 0-d scales of one dtype, stacked once per push."""
 
-    names: list[tuple[str, ...]]
     stacks: list[torch.Tensor]
     position: dict[str, tuple[int, int]]  # name -> (block, index in block)
 
@@ -214,7 +213,7 @@ class Collector:
             self._layout = None
             return None, None
         self._layout = layout
-        blocks = ScaleBlocks([names[s:e] for s, e in layout.groups], stacks, layout.position)
+        blocks = ScaleBlocks(stacks, layout.position)
         return layout, blocks
 
     def _new_layout(self, names: tuple[str, ...], values: list[torch.Tensor], problems: list[str]) -> _ScaleLayout | None:
@@ -241,6 +240,6 @@ class Collector:
                 singles.extend(range(i, j))
             i = j
         position = {names[x]: (g, x - s) for g, (s, e) in enumerate(groups) for x in range(s, e)}
-        masks = [amax_mask(names[s:e]) for s, e in groups]
+        masks = [amax_mask(names[s:e], values[s].device) for s, e in groups]
         views = [[v.detach().view(1) for v in values[s:e]] for s, e in groups]
         return _ScaleLayout(names, _where(values), entries, groups, views, masks, singles, position)

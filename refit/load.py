@@ -10,6 +10,7 @@ applied bucket leaves the loader *torn* until a later push completes.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +20,7 @@ from refit.meta import Manifest, Role, TensorMeta
 from refit.pack import CopyPlan, bucket_view, chunk_of, copy_many
 from refit.report import RefitReport
 from refit.resolve import Placement, Resolution, Resolver
-from refit.scales import amax_mask, run_problems, run_view, segments, value_problem
+from refit.scales import amax_mask, run_problems, run_view, value_problem
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,8 @@ class _BucketPlan:
     """
 
     def __init__(self, steps: list[Step], bucket: torch.Tensor) -> None:
-        self.checks: list[tuple[Step, torch.Tensor]] = []  # scales to validate
+        # scales to validate: (names of a run, its values, its amax mask on their device) or (name, value, None)
+        self.checks: list[tuple[list[str] | str, torch.Tensor, torch.Tensor | None]] = []
         self.runs: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
         self.loads: list[tuple[_One, torch.Tensor]] = []
         dsts: list[torch.Tensor] = []
@@ -75,7 +77,8 @@ class _BucketPlan:
             if isinstance(step, _Run):
                 v = run_view(bucket, step.metas)
                 if step.scale:
-                    self.checks.append((step, v))
+                    amax = None if step.amax is None else step.amax.to(v.device)
+                    self.checks.append(([m.name for m in step.metas], v, amax))
                 if step.device == v.device:  # same dtype and device: one multi-tensor copy
                     self.runs.append((step.dests, list(v.unbind())))
                 else:
@@ -87,7 +90,7 @@ class _BucketPlan:
             v = bucket_view(bucket, meta)
             last = meta.chunk == meta.chunks - 1
             if meta.role is Role.SCALE:
-                self.checks.append((step, v))
+                self.checks.append((meta.name, v, None))
             if res.placement is Placement.REMOTE:
                 self.remote += last
                 continue
@@ -103,17 +106,18 @@ class _BucketPlan:
 
     def scale_problems(self) -> list[str]:
         bad: list[str] = []
-        for step, v in self.checks:
-            if isinstance(step, _Run):
-                bad += run_problems([m.name for m in step.metas], v, step.amax)
-            elif p := value_problem(step.meta.name, v):
+        for names, v, amax in self.checks:
+            if isinstance(names, list):
+                bad += run_problems(names, v, amax)
+            elif p := value_problem(names, v):
                 bad.append(p)
         return bad
 
 
-def _bucket_steps(metas: list[TensorMeta], resolutions: list[Resolution]) -> list[Step]:
+def _bucket_steps(metas: Sequence[TensorMeta], pieces: Sequence[tuple[int, int, bool]], resolutions: list[Resolution]) -> list[Step]:
+    """A bucket's steps; ``pieces`` are its runs and single tensors (``Manifest.segments``)."""
     steps: list[Step] = []
-    for i, j, is_run in segments(metas):
+    for i, j, is_run in pieces:
         part = resolutions[i:j]
         if is_run and all(r.placement is Placement.LOCAL and r.dest is not None for r in part):
             run = tuple(metas[i:j])
@@ -240,8 +244,8 @@ class Loader:
             return sorted(set(problems)), [], 0
         steps: list[list[Step]] = []
         k = 0
-        for metas in manifest.by_bucket:
-            steps.append(_bucket_steps(list(metas), resolutions[k : k + len(metas)]))
+        for metas, pieces in zip(manifest.by_bucket, manifest.segments, strict=True):
+            steps.append(_bucket_steps(metas, pieces, resolutions[k : k + len(metas)]))
             k += len(metas)
         return [], steps, local
 
@@ -335,8 +339,9 @@ class Loader:
         self.resolver.post_load()
         push.seconds["finish"] = time.perf_counter() - t0
         push.seconds["total"] = time.perf_counter() - push.started
-        for steps in push.plan:
-            self._torn_keys.difference_update(_local_keys(steps))
+        if self._torn_keys:  # a complete push rewrote what broken ones left mixed
+            for steps in push.plan:
+                self._torn_keys.difference_update(_local_keys(steps))
         self.version, self._push = push.version, None
         self.torn = bool(self._torn_keys)
         return RefitReport(

@@ -110,10 +110,8 @@ class TensorsResolver:
         dest = self.tensors.get(meta.name)
         if dest is None:
             return Resolution(Placement.UNKNOWN, key=meta.name, problem=f"{meta.name}: no such parameter or buffer{suggest(meta.name, self.tensors)}")
-        problem = check_compatible(meta, dest, "target")
-        if not problem and not dest.is_contiguous() and meta.is_chunked:
-            problem = f"{meta.name}: target is not contiguous; chunked tensors need a contiguous target"
-        return Resolution(Placement.LOCAL, dest=dest, key=meta.name, problem=problem)
+        # (a chunked tensor's need for a contiguous target is the Loader's check, for every resolver)
+        return Resolution(Placement.LOCAL, dest=dest, key=meta.name, problem=check_compatible(meta, dest, "target"))
 
     def required_keys(self) -> set[str]:
         return set(self.tensors)

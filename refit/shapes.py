@@ -51,10 +51,6 @@ class ModelShape:
             yield f"model.layers.{i}.self_attn.k_scale"
             yield f"model.layers.{i}.self_attn.v_scale"
 
-    def nbytes(self, dtype: torch.dtype = torch.bfloat16) -> int:
-        size = torch.empty(0, dtype=dtype).element_size()
-        return sum(torch.Size(s).numel() for _, s in self.weights()) * size
-
 
 SHAPES: dict[str, ModelShape] = {
     "tiny": ModelShape(layers=2, hidden=128, intermediate=256, heads=4, kv_heads=2, head_dim=32, vocab=512),
