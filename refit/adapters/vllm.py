@@ -30,7 +30,7 @@ with the engine's own API (see docs/vllm.md).
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import contextlib
 import threading
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -168,7 +168,7 @@ class RefitWorkerExtension:
                     out[name] = {
                         "dtype": str(t.dtype).removeprefix("torch."),
                         "shape": list(t.shape),
-                        "data": bytes(host_bytes(t.contiguous().reshape(-1).view(torch.uint8))),
+                        "data": bytes(host_bytes(t.reshape(-1).view(torch.uint8))),
                     }
                 else:
                     out[name] = {"value": value}
@@ -179,15 +179,11 @@ class RefitWorkerExtension:
     def refit_digest(self) -> dict[str, Any]:
         """sha256 of every parameter and buffer (name, dtype, shape, bytes) of this worker."""
         try:
+            from refit.demo import digest
+
             model = self.model_runner.get_model()  # type: ignore[attr-defined]
-            h = hashlib.sha256()
-            items = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
-            for name, t in sorted(items, key=lambda x: x[0]):
-                c = t.detach().cpu().contiguous()
-                h.update(f"{name}|{c.dtype}|{list(c.shape)}".encode())
-                if c.numel():
-                    h.update(host_bytes(c.reshape(-1).view(torch.uint8)))
-            return {"digest": h.hexdigest(), "tensors": len(items)}
+            items = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+            return {"digest": digest(items), "tensors": len(items)}
         except BaseException as exc:
             return _error(exc, self._refit_name())
 
@@ -348,12 +344,12 @@ class RpcSender(Sender):
         from refit.wire import manifest_to_wire
 
         self._buckets = []
-        with self.engine._lock:
-            llm, timeout = self.engine.llm, self.engine.rpc_timeout
-            replies = list(llm.collective_rpc("refit_prepare", timeout=timeout, args=(manifest_to_wire(manifest), version)))
-            if any("error" in r for r in replies):
-                llm.collective_rpc("refit_abort", timeout=timeout, args=("another worker refused",))
-                raise_errors(replies)
+        try:  # through engine.rpc, which the async engine overrides
+            self.engine.rpc("refit_prepare", manifest_to_wire(manifest), version)
+        except RefitError:
+            with contextlib.suppress(RefitError):
+                self.engine.rpc("refit_abort", "another worker refused")
+            raise
 
     def buffers(self, bucket_bytes: int, num_buffers: int) -> list[torch.Tensor]:
         if len(self._bufs) != num_buffers or self._bufs[0].numel() != bucket_bytes:
@@ -374,7 +370,5 @@ class RpcSender(Sender):
 
     def abort(self, reason: str) -> None:
         self._buckets = []
-        try:
+        with contextlib.suppress(RefitError):
             self.engine.rpc("refit_abort", reason)
-        except RefitError:
-            pass

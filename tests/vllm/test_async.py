@@ -92,3 +92,14 @@ def test_pushing_from_the_engine_loop_is_refused(async_engine) -> None:  # type:
         return ""
 
     assert "another thread" in asyncio.run_coroutine_threadsafe(from_loop(), loop).result(30)
+
+
+def test_async_engine_apply_inside_rpcs(async_engine) -> None:  # type: ignore[no-untyped-def]
+    """``apply`` (the RPC-only push) goes through the async engine's own rpc."""
+    from refit.adapters.vllm import AsyncVllmEngine
+
+    engine, loop, model_dir = async_engine
+    hf, state = hf_state(model_dir, seed=12)
+    reports = AsyncVllmEngine(engine, loop).apply(state, version=7)
+    assert [(r.version, r.loaded) for r in reports] == [(7, len(state))]
+    assert asyncio.run_coroutine_threadsafe(_greedy(engine), loop).result(120) == hf_greedy(hf)
