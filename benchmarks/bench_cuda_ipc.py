@@ -31,7 +31,6 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +56,6 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> int:
         if t.numel():
             total += (i + 1) * int(raw(t.reshape(-1)).sum(dtype=torch.int64))
     return total
-
-
-def timed(fn: Callable[[], object], device: torch.device, repeat: int) -> list[float]:
-    return timings(fn, repeat, device)
 
 
 # ---------------------------------------------------------------- receiver process
@@ -98,14 +93,14 @@ def _receiver(conn: Any, spec: Spec, mode: str, device: str) -> None:
                 break
             try:
                 if isinstance(msg, dict):  # (b): one raw CUDA IPC handle of a whole bucket
-                    copy_out_of_bucket(msg, targets, dev)
+                    copy_out_of_bucket(msg, targets, dev)  # synchronizes before closing the handle
                 else:  # (a): torch reductions, one per tensor
                     for name, (rebuild, args), off, n in msg:
                         src = rebuild(*args)
                         dst = raw(targets[name].reshape(-1)).view(torch.uint8)
                         dst.copy_(src[off : off + n] if n >= 0 else src.reshape(-1).view(torch.uint8))
                         del src
-                sync(dev)
+                    sync(dev)
                 conn.send(True)
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
@@ -240,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     state, scales = make_state(shape, device=device)
     both = {**state, **scales}
     nbytes = sum(v.numel() * v.element_size() for v in both.values())
+    expected_fp = str(fingerprint(both))  # what every receiver must hold at the end
     spec: Spec = {k: (list(v.shape), dtype_name(v.dtype)) for k, v in both.items()}
     results: dict[str, Any] = {
         "shape": a.shape,
@@ -261,7 +257,6 @@ def main(argv: list[str] | None = None) -> int:
 
     # baselines first, while nothing else holds device memory
     if device.type == "cuda" and not a.no_baselines:
-        torch.cuda.empty_cache()  # the ceiling's buffers
         for name, fn in (
             ("baseline (a): IPC handle per tensor", lambda pr: push_per_tensor(pr, both)),
             ("baseline (b): torch.cat bucket + handle per bucket", lambda pr: push_cat_buckets(pr, both, bucket_bytes)),
@@ -276,11 +271,11 @@ def main(argv: list[str] | None = None) -> int:
                 first = time.perf_counter() - first
                 note = ""
                 try:
-                    t = timed(lambda fn=fn, bpeer=bpeer: fn(bpeer), device, a.baseline_repeat)
+                    t = timings(lambda fn=fn, bpeer=bpeer: fn(bpeer), a.baseline_repeat, device)
                 except torch.cuda.OutOfMemoryError:
                     t, note = [first], "; later pushes ran out of device memory"
                 out = bpeer.stop(baseline=True)
-                results[key] = {"first_s": first, "best_s": min(t), "gbps": nbytes / min(t) / 1e9, "verified": out["fp"] == str(fingerprint(both))}
+                results[key] = {"first_s": first, "best_s": min(t), "gbps": nbytes / min(t) / 1e9, "verified": out["fp"] == expected_fp}
                 rows.append((name, results[key]["gbps"], f"GB/s best (first push {first:.3f} s{note})"))
             except Exception as exc:  # e.g. expandable segments: torch's IPC path refuses
                 results[key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
@@ -301,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     sender = CudaIpcSender.for_receivers([peer.info], timeout=600, sync=a.sync, num_buffers=a.num_buffers)
     reports: list[Any] = []
     with Refitter(sender, bucket_bytes=bucket_bytes, num_buffers=a.num_buffers, timeout=600) as r:
-        times = timed(lambda: reports.append(r.push(state, scales)), device, a.repeat)
+        times = timings(lambda: reports.append(r.push(state, scales)), a.repeat, device)
         results["refit"] = {
             "best_s": min(times),
             "median_s": statistics.median(times),
@@ -318,16 +313,16 @@ def main(argv: list[str] | None = None) -> int:
             (f"refit cuda_ipc push ({sender.sync.value} sync)", results["refit"]["gbps"], f"GB/s best, {results['refit']['median_gbps']:.4g} median")
         )
         if not a.no_lazy:  # producers: y = x * 1.0 (a compute kernel reading x, writing y)
-            eager = timed(lambda: r.push({k: torch.mul(v, 1.0) for k, v in state.items()}, scales), device, a.repeat)
+            eager = timings(lambda: r.push({k: torch.mul(v, 1.0) for k, v in state.items()}, scales), a.repeat, device)
             lazy_state = {k: Lazy(tuple(v.shape), v.dtype, lambda out, v=v: torch.mul(v, 1.0, out=out)) for k, v in state.items()}
-            lazy = timed(lambda: r.push(lazy_state, scales), device, a.repeat)
+            lazy = timings(lambda: r.push(lazy_state, scales), a.repeat, device)
             results["lazy"] = {"eager_s": min(eager), "lazy_s": min(lazy), "saved_s": min(eager) - min(lazy)}
             rows.append(("compute, then push (eager)", min(eager), "s"))
             rows.append(("refit.Lazy: compute into the bucket", min(lazy), f"s (saves {min(eager) - min(lazy):.4f} s)"))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     got = peer.stop(baseline=False)
-    results["refit"]["verified"] = got["fp"] == str(fingerprint(both)) and not got["error"]
+    results["refit"]["verified"] = got["fp"] == expected_fp and not got["error"]
     results["refit"]["receiver_extra_bytes"] = got["extra_bytes"]
     rows.append(("  staging per side (sender / receiver extra)", results["refit"]["staging_bytes"] / 1e9, f"GB / {got['extra_bytes'] / 1e9:.3f} GB"))
 

@@ -22,6 +22,7 @@ import time
 import torch
 
 from refit import Refitter
+from refit.bench import sync, timings
 from refit.collect import Collector
 from refit.load import Loader
 from refit.plan import plan
@@ -59,18 +60,8 @@ class PackOnly(Sender):
 
 
 def best(fn, repeat: int, device: torch.device) -> float:  # type: ignore[no-untyped-def]
-    fn()
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]  # median: this box is noisy
+    """Median seconds of ``repeat`` runs after a warm-up (median: this box is noisy)."""
+    return sorted(timings(fn, repeat, device))[repeat // 2]
 
 
 def main() -> None:
@@ -94,14 +85,12 @@ def main() -> None:
         push[flag]()
     for _ in range(args.repeat):
         for flag in senders:
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+            sync(dev)
             t0 = time.perf_counter()
             push[flag]()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+            sync(dev)
             times[flag].append(time.perf_counter() - t0)
-    s_without, s_with = (sorted(times[f])[len(times[f]) // 2] for f in (False, True))
+    s_without, s_with = (sorted(times[f])[args.repeat // 2] for f in (False, True))
     snd = senders[True]
 
     # receiver side, on the bucket the sender packed: unpack + validate every scale

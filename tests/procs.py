@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import socket
 import traceback
 from typing import Any
 
@@ -27,26 +28,37 @@ def digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
 
 def make_target(spec: dict[str, tuple[tuple[int, ...], str]]) -> dict[str, torch.Tensor]:
     """Zero-filled (raw bytes) target tensors from ``name -> (shape, dtype name)``."""
-    return {k: _zeros(shape, dt) for k, (shape, dt) in spec.items()}
+    from refit.meta import dtype_from_name
+
+    return {k: zeros_like(torch.empty(shape, dtype=dtype_from_name(dt))) for k, (shape, dt) in spec.items()}
 
 
-def _zeros(shape: tuple[int, ...], dtype_name: str) -> torch.Tensor:
-    from refit.meta import dtype_from_name, itemsize
-
-    dtype = dtype_from_name(dtype_name)
-    n = 1
-    for d in shape:
-        n *= d
-    return torch.zeros(n * itemsize(dtype), dtype=torch.uint8).view(dtype).reshape(shape)
+def zeros_like(v: torch.Tensor) -> torch.Tensor:
+    """zeros_like for every dtype (float4 / float8 have no fill kernel): zero the raw bytes."""
+    z = torch.empty_like(v)
+    if z.numel():
+        z.reshape(-1).view(torch.uint8).zero_()
+    return z
 
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def rss_mb() -> float:
+def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_mb() -> float:
+    return rss_bytes() / 2**20
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (for a collective's default process group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def zmq_receiver(

@@ -26,6 +26,7 @@ from refit.pack import raw
 from refit.receiver import RefitReceiver
 from refit.transports.cuda_ipc import CudaIpcReceiver, CudaIpcSender
 from refit.transports.shared_buffers import _SHM_DIR, Kind, Offer, Sync, decode_offer
+from tests import procs
 from tests.conftest import every_dtype_state, same_bits
 
 pytestmark = pytest.mark.integration
@@ -50,10 +51,7 @@ def make_state(version: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.T
 
 def targets() -> dict[str, torch.Tensor]:
     state, scales = make_state(0)
-    out = {k: torch.empty_like(v) for k, v in {**state, **scales}.items()}
-    for v in out.values():
-        raw(v).zero_()  # raw integer view: float4 / float8 have no fill kernel
-    return out
+    return {k: procs.zeros_like(v) for k, v in {**state, **scales}.items()}
 
 
 def refit_segments(pid: int | None = None) -> set[str]:

@@ -14,7 +14,6 @@ import hashlib
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 from refit.errors import RefitError, TransportError, WireError
 from refit.transports.collective import Backend, Rendezvous, choose_backend
 from tests.conftest import every_dtype_state, random_tensor
+from tests.procs import free_port, open_fds, rss_bytes, zeros_like
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +71,7 @@ def expected_target(kind: str, seed: int | None, missing: tuple[str, ...] = (), 
     """Digest of a receiver's target (lacking ``missing``) after a push of ``(kind, seed)`` that
     left out ``not_pushed`` (seed None: untouched zeros)."""
     state, scales = make_state(kind, 0)
-    target = {k: zeros(v) for k, v in {**state, **scales}.items() if k not in missing}
+    target = {k: zeros_like(v) for k, v in {**state, **scales}.items() if k not in missing}
     if seed is not None:
         s2, c2 = make_state(kind, seed)
         for k, v in {**s2, **c2}.items():
@@ -80,32 +80,9 @@ def expected_target(kind: str, seed: int | None, missing: tuple[str, ...] = (), 
     return digest(target)
 
 
-def zeros(v: torch.Tensor) -> torch.Tensor:
-    """zeros_like for every dtype (float4 has no fill kernel): zero the raw bytes."""
-    z = torch.empty_like(v)
-    if z.numel():
-        z.reshape(-1).view(torch.uint8).zero_()
-    return z
-
-
 def error_kind(exc: BaseException) -> str:
     """The public refit error class of ``exc`` (private subclasses map to their base)."""
     return next(c.__name__ for c in type(exc).__mro__ if c.__module__ == "refit.errors")
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def init_default_group(port: int) -> None:
@@ -133,7 +110,7 @@ def receiver_worker(cfg: dict[str, Any], q: Any) -> None:
         if cfg.get("default_pg"):
             init_default_group(cfg["default_pg"])
         state, scales = make_state(cfg["kind"], 0)
-        target = {k: zeros(v) for k, v in {**state, **scales}.items() if k not in cfg.get("missing", ())}
+        target = {k: zeros_like(v) for k, v in {**state, **scales}.items() if k not in cfg.get("missing", ())}
         rx = RefitReceiver(target, "nccl", name=name, device="cpu")
         die_after = cfg.get("die_after")
         if die_after is not None:  # simulate a crash after applying bucket `die_after`
@@ -156,8 +133,8 @@ def receiver_worker(cfg: dict[str, Any], q: Any) -> None:
             except RefitError as exc:
                 results.append((error_kind(exc), str(exc)[:2000], digest(target), rx.torn, time.monotonic() - t0))
             if i == cfg.get("mark_at", -1):
-                marks["start"] = (fd_count(), rss_bytes())
-        marks["end"] = (fd_count(), rss_bytes())
+                marks["start"] = (open_fds(), rss_bytes())
+        marks["end"] = (open_fds(), rss_bytes())
         pg_ok = default_group_ok() if cfg.get("default_pg") else None
         rx.close()
         q.put(("done", name, {"results": results, "marks": marks, "default_pg": pg_ok}))
@@ -185,8 +162,8 @@ def sender_worker(cfg: dict[str, Any], addresses: list[str], q: Any) -> None:
                 except RefitError as exc:
                     results.append((error_kind(exc), str(exc)[:2000], time.monotonic() - t0))
                 if i == cfg.get("mark_at", -1):
-                    marks["start"] = (fd_count(), rss_bytes())
-            marks["end"] = (fd_count(), rss_bytes())
+                    marks["start"] = (open_fds(), rss_bytes())
+            marks["end"] = (open_fds(), rss_bytes())
         pg_ok = default_group_ok() if cfg.get("default_pg") else None
         q.put(("done", "sender", {"results": results, "marks": marks, "default_pg": pg_ok}))
     except BaseException:

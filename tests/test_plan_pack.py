@@ -16,17 +16,17 @@ from tests.conftest import every_dtype_state, random_tensor, same_bits
 pytestmark = pytest.mark.unit
 
 
-def roundtrip(state: dict[str, torch.Tensor | Lazy], bucket_bytes: int, alignment: int = 256) -> dict[str, torch.Tensor]:
-    """Plan, pack into buckets, unpack and reassemble; returns the received tensors."""
+def roundtrip(state: dict[str, torch.Tensor | Lazy], bucket_bytes: int, alignment: int = 256, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Plan, pack into buckets on ``device``, unpack and reassemble; returns the received tensors."""
     entries = [PlanEntry(n, tuple(t.shape), t.dtype) for n, t in state.items()]
     m = plan(entries, bucket_bytes=bucket_bytes, alignment=alignment)
     out: dict[str, torch.Tensor] = {}
     for b, metas in enumerate(m.by_bucket):
-        bucket = torch.full((bucket_bytes,), 0xAB, dtype=torch.uint8)
+        bucket = torch.full((bucket_bytes,), 0xAB, dtype=torch.uint8, device=device)
         pack(bucket, metas, [state[x.name] for x in metas])
         for meta, view in zip(metas, unpack(bucket[: m.bucket_sizes[b]], metas)):
             if meta.is_chunked:
-                whole = out.setdefault(meta.name, torch.empty(meta.shape, dtype=meta.dtype))
+                whole = out.setdefault(meta.name, torch.empty(meta.shape, dtype=meta.dtype, device=device))
                 size = whole.element_size()
                 whole.view(-1)[meta.start // size : (meta.start + meta.nbytes) // size].copy_(view)
             else:

@@ -21,6 +21,8 @@ import msgpack
 import pytest
 import torch
 
+from tests.conftest import random_tensor
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
@@ -36,9 +38,7 @@ def base_state(device: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Te
     state: dict[str, torch.Tensor] = {}
     for i, dtype in enumerate(DTYPES):
         for j, shape in enumerate([(), (7,), (33, 129), (256, 1024)]):
-            size = torch.empty(0, dtype=dtype).element_size()
-            n = torch.Size(shape).numel() * size
-            state[f"w{i}.{j}"] = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen).view(dtype).reshape(shape)
+            state[f"w{i}.{j}"] = random_tensor(shape, dtype, gen)
     state["big.bf16"] = torch.randn(3000, 4096, generator=gen).to(torch.bfloat16)  # 24 MiB: 6+ chunks
     state["big.fp8"] = torch.randn(5000, 1024, generator=gen).to(torch.float8_e4m3fn)
     scales = {

@@ -24,7 +24,8 @@ import torch
 
 from refit.errors import TransportError
 from refit.transports.collective import Backend, Rendezvous, StoreServer, choose_backend, connect, cupy_nccl, new_group_id
-from tests.test_nccl_gloo import digest, make_state, zeros
+from tests.procs import zeros_like
+from tests.test_nccl_gloo import digest, expected_target, make_state
 
 pytestmark = [
     pytest.mark.gpu,
@@ -106,7 +107,7 @@ def _receiver(cfg: dict[str, Any], q: Any) -> None:
     try:
         torch.cuda.set_device(cfg["device"])
         state, scales = make_state("mixed", 0)
-        target = {k: zeros(v).to(cfg["device"]) for k, v in {**state, **scales}.items()}
+        target = {k: zeros_like(v).to(cfg["device"]) for k, v in {**state, **scales}.items()}
         with RefitReceiver(target, "nccl", name=cfg["name"], device=cfg["device"]) as rx:
             q.put(("info", cfg["name"], rx.info()))
             out = []
@@ -173,16 +174,11 @@ def run_push_world(backend: str, sender_device: str, rx_devices: list[str], push
                 p.kill()
 
 
-def _expected(seed: int) -> str:
-    state, scales = make_state("mixed", seed)
-    return digest({**state, **scales})
-
-
 def test_gloo_backend_with_cuda_buffers_on_one_gpu() -> None:
     """Pack on the device, broadcast (gloo stages through the host), unpack on the device."""
     out = run_push_world("gloo", "cuda:0", ["cuda:0"])
     assert out["sender"] == [1, 2, 3]
-    assert out["rx0"] == [(v, _expected(v)) for v in (1, 2, 3)]
+    assert out["rx0"] == [(v, expected_target("mixed", v)) for v in (1, 2, 3)]
 
 
 @needs_cupy
@@ -192,4 +188,4 @@ def test_nccl_push_one_receiver_per_gpu() -> None:
     out = run_push_world("nccl", "cuda:0", [f"cuda:{i}" for i in range(1, n)])
     assert out["sender"] == [1, 2, 3]
     for i in range(n - 1):
-        assert out[f"rx{i}"] == [(v, _expected(v)) for v in (1, 2, 3)]
+        assert out[f"rx{i}"] == [(v, expected_target("mixed", v)) for v in (1, 2, 3)]

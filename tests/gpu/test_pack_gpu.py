@@ -15,28 +15,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def test_every_dtype_roundtrips_on_cuda(gen: torch.Generator) -> None:
     state = every_dtype_state(gen, device="cuda")
-    entries_bucket = 1024
-
-    # the packer on device buckets: reuse the CPU helper with device tensors
-    def cuda_roundtrip() -> dict[str, torch.Tensor]:
-        from refit.pack import pack, unpack
-        from refit.plan import PlanEntry, plan
-
-        m = plan([PlanEntry(n, tuple(t.shape), t.dtype) for n, t in state.items()], bucket_bytes=entries_bucket)
-        out: dict[str, torch.Tensor] = {}
-        for metas in m.by_bucket:
-            bucket = torch.full((entries_bucket,), 0xAB, dtype=torch.uint8, device="cuda")
-            pack(bucket, metas, [state[x.name] for x in metas])
-            for meta, view in zip(metas, unpack(bucket, metas)):
-                if meta.is_chunked:
-                    whole = out.setdefault(meta.name, torch.empty(meta.shape, dtype=meta.dtype, device="cuda"))
-                    size = whole.element_size()
-                    whole.view(-1)[meta.start // size : (meta.start + meta.nbytes) // size].copy_(view)
-                else:
-                    out[meta.name] = view.clone()
-        return out
-
-    got = cuda_roundtrip()
+    got = roundtrip(state, 1024, device="cuda")  # type: ignore[arg-type]
     for k, v in state.items():
         assert got[k].is_cuda and same_bits(got[k], v), k
 

@@ -22,6 +22,8 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 import torch
 
+from tests.procs import free_port
+
 # Small sizes every config gets where it has the attribute (names differ between families).
 TINY: dict[str, Any] = {
     "hidden_size": 128,
@@ -178,14 +180,6 @@ def probe(arch: str, port: int) -> dict[str, Any]:
         }
     except Exception:
         return {"arch": arch, "status": "fail", "why": traceback.format_exc().splitlines()[-1][:300]}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> None:
