@@ -5,15 +5,15 @@ values); nothing is sent for an invalid push. Scales are planned first, so recei
 them before they apply any weight.
 
 Scales are the hot spot of pushes with many small tensors, so their layout is remembered
-between pushes, with a 1-d view of every 0-d scale (stacking 1-d views costs half of stacking
-0-d tensors). When the scales of the next push sit in the same memory (same names, same data
-pointers: quantizer buffers updated in place, or new 0-d views of one flat buffer), the
-per-tensor checks are skipped and their values are read through the views, validated and packed
-as stacked blocks (see ``scales.py``). The views keep the scales' storages allocated until a
-push with other scales (or ``Refitter.close``), so an equal address is the same memory; a scale
-given new memory (``.data = ...``) or another rank (``unsqueeze_``) makes the layout be built
-again. Not detected: a scale reinterpreted in place as another dtype of the same size, and a
-held storage resized in place (it moves) whose old address a new scale then takes.
+between pushes. When the scales of the next push sit in the same memory (same names, same data
+pointers and ranks: quantizer buffers updated in place, or new 0-d views of one flat buffer),
+the per-tensor checks are skipped and each run of scales is read with one operation at the
+recorded addresses (see ``gather.py``), then validated and packed as a stacked block (see
+``scales.py``). The layout keeps the scales' storages allocated until a push with other scales
+(or ``Refitter.close``), so an equal address is the same memory; a scale given new memory
+(``.data = ...``) or another rank (``unsqueeze_``) makes the layout be built again. Not
+detected: a scale reinterpreted in place as another dtype of the same size, and a held storage
+resized in place (it moves) whose old address a new scale then takes.
 
 Likewise a state whose names and tensor objects are those of the previous push is not
 re-checked (a tensor resized in place since then fails loudly at pack time, never silently).
@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from refit.errors import PlanError, problem_list
+from refit.gather import Gather
 from refit.meta import DTYPE_NAMES, Role, TensorMeta, dtype_name
 from refit.pack import Lazy
 from refit.plan import PlanEntry
@@ -86,7 +87,7 @@ class _ScaleLayout:
     where: tuple[list[int], list[int]]  # every scale's data_ptr and rank
     entries: list[PlanEntry]
     groups: list[tuple[int, int]]  # [start, end) of stacked blocks
-    views: list[list[torch.Tensor]]  # per group: a 1-d view of each scale (holds its storage)
+    gathers: list[Gather]  # per group: reads its scales (and holds their storages)
     masks: list[torch.Tensor | None]
     singles: list[int]  # scales validated one by one
     position: dict[str, tuple[int, int]]
@@ -204,8 +205,8 @@ class Collector:
         assert layout is not None  # invariant: set above
         stacks = []
         with torch.inference_mode():  # the stacks are only read (validated, packed): cheapest mode
-            for (s, e), views, mask in zip(layout.groups, layout.views, layout.masks):
-                stacked = torch.stack(views).view(e - s)
+            for (s, e), gather, mask in zip(layout.groups, layout.gathers, layout.masks):
+                stacked = gather()
                 problems += run_problems(names[s:e], stacked, mask)
                 stacks.append(stacked)
         problems += [p for i in layout.singles if (p := value_problem(names[i], values[i].detach()))]
@@ -241,5 +242,5 @@ class Collector:
             i = j
         position = {names[x]: (g, x - s) for g, (s, e) in enumerate(groups) for x in range(s, e)}
         masks = [amax_mask(names[s:e], values[s].device) for s, e in groups]
-        views = [[v.detach().view(1) for v in values[s:e]] for s, e in groups]
-        return _ScaleLayout(names, _where(values), entries, groups, views, masks, singles, position)
+        gathers = [Gather(values[s:e]) for s, e in groups]
+        return _ScaleLayout(names, _where(values), entries, groups, gathers, masks, singles, position)

@@ -8,6 +8,7 @@ import torch
 import refit
 from refit import Lazy, Refitter
 from tests.conftest import every_dtype_state, random_tensor, same_bits
+from tests.test_gather import check_reads_current_values, scattered
 from tests.test_plan_pack import roundtrip
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -113,3 +114,10 @@ def test_scales_on_two_devices_are_stacked_per_device() -> None:
                 assert float(target[k]) == float(v), (step, k)
             for v in scales.values():
                 v.mul_(2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn, torch.float64], ids=str)
+def test_cuda_scales_are_read_through_one_window(dtype: torch.dtype, gen: torch.Generator) -> None:
+    """0-d CUDA tensors (separate allocations and views of one buffer) read by one gather."""
+    g = check_reads_current_values(scattered(dtype, gen, "cuda"), gen)
+    assert g._window is not None and g._window.is_cuda

@@ -1,0 +1,75 @@
+"""Reading the values of many separately allocated 0-d tensors in one operation.
+
+A trainer's scales are usually separate allocations (one buffer per quantizer), so reading
+10,000 of them through ``torch.stack`` costs a tensor object per scale, about 1-2 ms per push
+on a CPU. :class:`Gather` instead views the whole address range that holds them as one
+tensor of integers of the scales' size (a *window*: nothing is allocated, copied or read
+when it is made) and reads the scales with one ``index_select`` at their offsets in it, in
+about 10 us. Only the indexed elements are ever read.
+
+The caller guarantees that every address is still the data pointer of a live tensor of the
+dtype the gather was made for: :mod:`refit.collect` compares each scale's data pointer and
+rank with those recorded, every push, and keeps each scale's storage allocated (through
+``views``), so an address can not be taken by other memory while the gather exists. Where no
+window can be made (the offsets are not whole elements apart, or a device other than CPU or
+CUDA), the views are stacked instead: same values, slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+import torch
+
+from refit.meta import itemsize
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # any dtype's bits, by size
+_HOST_MEMORY = ctypes.c_char * sys.maxsize  # a buffer type for any host address range (never read whole)
+
+
+class _DeviceRange:
+    """A CUDA address range in the form ``torch.as_tensor`` accepts (CUDA array interface)."""
+
+    def __init__(self, address: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {"data": (address, False), "shape": (nbytes,), "typestr": "|u1", "version": 2}
+
+
+def _window(address: int, nbytes: int, device: torch.device) -> torch.Tensor | None:
+    """``nbytes`` of memory at ``address`` on ``device`` as a uint8 tensor, without copying."""
+    try:
+        if device.type == "cpu":
+            return torch.frombuffer(_HOST_MEMORY.from_address(address), dtype=torch.uint8, count=nbytes)
+        if device.type == "cuda":
+            window = torch.as_tensor(_DeviceRange(address, nbytes))
+            return window if window.device == device else None
+    except (RuntimeError, ValueError, TypeError, OverflowError):
+        pass
+    return None
+
+
+class Gather:
+    """Reads the current values of a list of 0-d tensors of one dtype and device.
+
+    Args:
+        values: the tensors (0-d, one dtype, one device). The gather keeps a 1-d view of each,
+            which keeps their storages allocated.
+    """
+
+    def __init__(self, values: list[torch.Tensor]) -> None:
+        self.dtype, device = values[0].dtype, values[0].device
+        self.views = [v.detach().view(1) for v in values]
+        size, pointers = itemsize(self.dtype), [v.data_ptr() for v in values]
+        address = min(pointers)
+        offsets = [p - address for p in pointers]
+        aligned = address % size == 0 and all(o % size == 0 for o in offsets)
+        window = _window(address, max(offsets) + size, device) if aligned else None
+        self._window = window.view(_BITS[size]) if window is not None else None
+        self._index = torch.tensor([o // size for o in offsets], device=device) if window is not None else None
+
+    def __call__(self) -> torch.Tensor:
+        """The tensors' values now, as a new 1-D tensor."""
+        if self._window is not None and self._index is not None:
+            return self._window.index_select(0, self._index).view(self.dtype)
+        with torch.inference_mode():  # only read: the cheapest mode
+            return torch.stack(self.views).view(len(self.views))
