@@ -87,13 +87,43 @@ class _ScaleLayout:
     where: tuple[list[int], list[int]]  # every scale's data_ptr and rank
     entries: list[PlanEntry]
     groups: list[tuple[int, int]]  # [start, end) of stacked blocks
-    gathers: list[Gather]  # per group: reads its scales (and holds their storages)
+    gathers: list[Gather]  # per group: reads its scales
+    holds_storages: bool  # the gathers keep the scales' memory allocated (else nothing is kept)
     masks: list[torch.Tensor | None]
     singles: list[int]  # scales validated one by one
     position: dict[str, tuple[int, int]]
+    dtypes: list[torch.dtype]
+    devices: list[torch.device]
+
+    def follow(self, values: list[Any]) -> bool:
+        """Whether this layout reads ``values`` (the scales of a push with the same names).
+
+        Scales in the same memory are read where they are; scales in other memory (new
+        tensors every push) of the same types, dtypes, devices and ranks are read once the
+        gathers are aimed at them (keeping nothing: from then on, dtypes are compared every
+        push). Anything else needs a new layout.
+        """
+        try:
+            where = _where(values)
+        except (TypeError, RuntimeError):  # not a tensor, or one without storage: check it properly
+            return False
+        if where[1] != self.where[1] or not all(values[i].shape == self.entries[i].shape for i in self.singles):
+            return False
+        if where[0] == self.where[0]:  # the same memory (so the same devices)
+            if self.holds_storages:  # no other tensor can sit at these addresses
+                return all(values[i].dtype == self.entries[i].dtype for i in self.singles)
+            return list(map(_DTYPE_OF, values)) == self.dtypes
+        if not _PLAIN_TYPES.issuperset(map(type, values)):
+            return False
+        if list(map(_DTYPE_OF, values)) != self.dtypes or list(map(_DEVICE_OF, values)) != self.devices:
+            return False
+        self.gathers = [Gather(values[s:e], where[0][s:e], hold=False) for s, e in self.groups]
+        self.where, self.holds_storages = where, False
+        return True
 
 
-_DTYPE_OF = operator.attrgetter("dtype")
+_PLAIN_TYPES = frozenset(_PLAIN)
+_DTYPE_OF, _DEVICE_OF = operator.attrgetter("dtype"), operator.attrgetter("device")
 _SHAPE_OF = operator.attrgetter("shape")
 _PTR_OF, _DIM_OF = torch.Tensor.data_ptr, torch.Tensor.dim
 
@@ -101,14 +131,6 @@ _PTR_OF, _DIM_OF = torch.Tensor.data_ptr, torch.Tensor.dim
 def _where(values: list[Any]) -> tuple[list[int], list[int]]:
     """Data pointers and ranks of ``values`` (C-level loops)."""
     return list(map(_PTR_OF, values)), list(map(_DIM_OF, values))
-
-
-def _same_memory(where: tuple[list[int], list[int]], values: list[Any]) -> bool:
-    """True if ``values`` are tensors at the data pointers and of the ranks in ``where``."""
-    try:
-        return _where(values) == where
-    except (TypeError, RuntimeError):  # not a tensor, or one without storage: check it properly
-        return False
 
 
 def _signature(values: list[Any]) -> tuple[list[Any], list[Any]]:
@@ -191,14 +213,7 @@ class Collector:
             return None, None
         names, values = tuple(scales), list(scales.values())
         layout = self._layout
-        # The same memory as last push: the cached views read today's values.
-        fresh = not (
-            layout is not None
-            and layout.names == names
-            and _same_memory(layout.where, values)
-            and all(values[i].dtype == layout.entries[i].dtype and values[i].shape == layout.entries[i].shape for i in layout.singles)
-        )
-        if fresh:
+        if layout is None or layout.names != names or not layout.follow(values):
             layout = self._new_layout(names, values, problems)
             if layout is None:
                 return None, None
@@ -206,7 +221,7 @@ class Collector:
         stacks = []
         with torch.inference_mode():  # the stacks are only read (validated, packed): cheapest mode
             for (s, e), gather, mask in zip(layout.groups, layout.gathers, layout.masks):
-                stacked = gather()
+                stacked = gather(values[s:e])
                 problems += run_problems(names[s:e], stacked, mask)
                 stacks.append(stacked)
         problems += [p for i in layout.singles if (p := value_problem(names[i], values[i].detach()))]
@@ -242,5 +257,7 @@ class Collector:
             i = j
         position = {names[x]: (g, x - s) for g, (s, e) in enumerate(groups) for x in range(s, e)}
         masks = [amax_mask(names[s:e], values[s].device) for s, e in groups]
-        gathers = [Gather(values[s:e]) for s, e in groups]
-        return _ScaleLayout(names, _where(values), entries, groups, gathers, masks, singles, position)
+        where = _where(values)
+        gathers = [Gather(values[s:e], where[0][s:e]) for s, e in groups]
+        dtypes, devices = list(map(_DTYPE_OF, values)), list(map(_DEVICE_OF, values))
+        return _ScaleLayout(names, where, entries, groups, gathers, True, masks, singles, position, dtypes, devices)

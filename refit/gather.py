@@ -9,10 +9,10 @@ about 10 us. Only the indexed elements are ever read.
 
 The caller guarantees that every address is still the data pointer of a live tensor of the
 dtype the gather was made for: :mod:`refit.collect` compares each scale's data pointer and
-rank with those recorded, every push, and keeps each scale's storage allocated (through
-``views``), so an address can not be taken by other memory while the gather exists. Where no
-window can be made (the offsets are not whole elements apart, or a device other than CPU or
-CUDA), the views are stacked instead: same values, slower.
+rank with those recorded, every push, and either keeps each scale's storage allocated (so no
+other memory can take its address) or compares dtypes too. Where no window can be made (the
+offsets are not whole elements apart, or a device other than CPU or CUDA), the tensors are
+stacked instead: same values, slower.
 """
 
 from __future__ import annotations
@@ -52,24 +52,29 @@ class Gather:
     """Reads the current values of a list of 0-d tensors of one dtype and device.
 
     Args:
-        values: the tensors (0-d, one dtype, one device). The gather keeps a 1-d view of each,
-            which keeps their storages allocated.
+        values: the tensors (0-d, one dtype, one device).
+        pointers: their data pointers.
+        hold: keep a 1-d view of each tensor, which keeps its memory allocated even if the
+            tensor is given other memory (``.data = ...``) or dropped. Without it nothing is
+            kept, and the caller compares dtypes as well as data pointers and ranks every read.
     """
 
-    def __init__(self, values: list[torch.Tensor]) -> None:
+    def __init__(self, values: list[torch.Tensor], pointers: list[int], *, hold: bool = True) -> None:
         self.dtype, device = values[0].dtype, values[0].device
-        self.views = [v.detach().view(1) for v in values]
-        size, pointers = itemsize(self.dtype), [v.data_ptr() for v in values]
-        address = min(pointers)
-        offsets = [p - address for p in pointers]
-        aligned = address % size == 0 and all(o % size == 0 for o in offsets)
-        window = _window(address, max(offsets) + size, device) if aligned else None
+        self.held = [v.detach().view(1) for v in values] if hold else None
+        size = itemsize(self.dtype)
+        at = torch.tensor(pointers, dtype=torch.int64)
+        address = int(at.min())
+        offsets = at - address
+        aligned = address % size == 0 and not bool((offsets % size).any())
+        window = _window(address, int(offsets.max()) + size, device) if aligned else None
         self._window = window.view(_BITS[size]) if window is not None else None
-        self._index = torch.tensor([o // size for o in offsets], device=device) if window is not None else None
+        self._index = (offsets // size).to(device) if window is not None else None
 
-    def __call__(self) -> torch.Tensor:
-        """The tensors' values now, as a new 1-D tensor."""
+    def __call__(self, values: list[torch.Tensor]) -> torch.Tensor:
+        """The values now of the tensors (``values``: the same tensors, or ones at the same
+        addresses), as a new 1-D tensor."""
         if self._window is not None and self._index is not None:
             return self._window.index_select(0, self._index).view(self.dtype)
         with torch.inference_mode():  # only read: the cheapest mode
-            return torch.stack(self.views).view(len(self.views))
+            return torch.stack(self.held if self.held is not None else values).view(len(values))

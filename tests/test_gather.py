@@ -20,12 +20,16 @@ def scattered(dtype: torch.dtype, gen: torch.Generator, device: str = "cpu") -> 
     return [t for pair in zip(own, flat.unbind()[::-1]) for t in pair]
 
 
-def check_reads_current_values(values: list[torch.Tensor], gen: torch.Generator) -> Gather:
-    g = Gather(values)
-    assert same_bits(g(), torch.stack(values))
+def pointers(values: list[torch.Tensor]) -> list[int]:
+    return [v.data_ptr() for v in values]
+
+
+def check_reads_current_values(values: list[torch.Tensor], gen: torch.Generator, *, hold: bool = True) -> Gather:
+    g = Gather(values, pointers(values), hold=hold)
+    assert same_bits(g(values), torch.stack(values))
     for v in values[::3]:  # in place, as a quantizer updates its amax
         v.copy_(random_tensor((), v.dtype, gen, str(v.device)))
-    assert same_bits(g(), torch.stack(values))
+    assert same_bits(g(values), torch.stack(values))
     return g
 
 
@@ -35,18 +39,18 @@ def test_every_dtype_is_read_bit_exact_through_the_window(dtype: torch.dtype, ge
     assert g._window is not None  # the fast path was taken
 
 
-def test_without_a_window_the_views_are_stacked(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("hold", [True, False])
+def test_without_a_window_the_tensors_are_stacked(hold: bool, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gather_module, "_window", lambda *args: None)
-    g = check_reads_current_values(scattered(torch.float32, gen), gen)
-    assert g._window is None
+    g = check_reads_current_values(scattered(torch.float32, gen), gen, hold=hold)
+    assert g._window is None and (g.held is not None) == hold
 
 
 def test_storages_are_kept_while_the_gather_lives(gen: torch.Generator) -> None:
     values = scattered(torch.float32, gen)
-    g = Gather(values)
-    addresses = [v.data_ptr() for v in values]
-    expected = torch.stack(values)
+    addresses = pointers(values)
+    g = Gather(values, addresses)
     del values  # the trainer dropped its tensors: nothing may take their memory yet
     newcomers = [torch.zeros(()) for _ in range(200)]
     assert not {t.data_ptr() for t in newcomers} & set(addresses)
-    assert same_bits(g(), expected)
+    assert g.held is not None

@@ -140,3 +140,44 @@ def test_scale_changing_rank_in_place_is_checked_again() -> None:
     scales["l3.weight_scale"].unsqueeze_(0)
     with pytest.raises(ResolveError, match=r"l3.weight_scale: shape \[1\] does not match target \[\]"):
         r.push({}, scales)
+
+
+def test_new_scale_tensors_every_push_are_followed() -> None:
+    """Scales computed anew every push (``amax / 448``): same names, dtypes, devices and ranks
+    in other memory. The layout is kept and aimed at them; every push carries its own values."""
+    base = many_scales(200)
+    target = {k: torch.zeros_like(v) for k, v in base.items()}
+    r = Refitter("local", target=target)
+    r.push({}, base)
+    layout = r._collect._layout
+    for step in range(1, 4):
+        scales = {k: v * (step + 1) for k, v in base.items()}  # new tensors
+        r.push({}, scales)
+        assert r._collect._layout is layout and not layout.holds_storages  # followed, not rebuilt
+        assert all(same_bits(target[k], v) for k, v in scales.items()), step
+    for v in scales.values():  # then updated in place: read where they are
+        v.add_(1)
+    r.push({}, scales)
+    assert r._collect._layout is layout and all(same_bits(target[k], v) for k, v in scales.items())
+
+
+def test_followed_scales_that_change_are_checked_again() -> None:
+    base = many_scales(60)
+    r = Refitter("local", target={k: torch.zeros_like(v) for k, v in base.items()})
+    r.push({}, base)
+    name = "l3.weight_scale"
+    for bad, error, match in [
+        (torch.tensor(2.0, dtype=torch.float64), ResolveError, f"{name}: dtype torch.float64 does not match target torch.float32"),
+        (torch.ones(1), ResolveError, rf"{name}: shape \[1\] does not match target \[\]"),
+        (2.0, PlanError, f"{name}: expected a torch.Tensor"),
+        (torch.tensor(-1.0), PlanError, f"{name}: scale has values <= 0"),
+    ]:
+        scales = {k: v.clone() for k, v in base.items()}
+        scales[name] = bad  # type: ignore[assignment]
+        with pytest.raises(error, match=match):
+            r.push({}, scales)
+    scales = {k: v.clone() for k, v in base.items()}
+    r.push({}, scales)  # and the clean push after them goes through
+    scales[name].data = scales[name].data.to(torch.float64)  # same object, another dtype
+    with pytest.raises(ResolveError, match=f"{name}: dtype torch.float64"):
+        r.push({}, scales)
