@@ -1,7 +1,9 @@
 """What do 10,000 0-d scales add to a push? (issue: < 5 ms of plan + pack + unpack on CPU)
 
-Measures, in one run, a push of the same weights with and without N 0-d float32 scales (the two
-alternate, so the scales are not warm in the CPU caches from the push before, as in training):
+Measures, in one run, a push of the same weights without scales, with N 0-d float32 scales
+updated in place (quantizer buffers), and with N new scale tensors every push (``amax / 448``
+computed at refit time); the three alternate, so the scales are not warm in the CPU caches from
+the push before, as in training:
   - sender: input validation + plan (layout cached between pushes, as in training) + pack,
   - receiver: unpack and validate, as strided views of the runs of scales (what the loader
     validates) and, on top, as one 0-d view per scale (what a non-persistent receiver
@@ -76,22 +78,25 @@ def main() -> None:
     scales = {f"model.layers.{i // 4}.proj{i % 4}.weight_scale": torch.tensor(0.5 + i % 3, device=dev) for i in range(args.scales)}
     bucket = 64 << 20
 
-    # Sender: the two pushes alternate, so drift in the machine's speed hits both alike.
-    senders = {flag: PackOnly(dev) for flag in (False, True)}
-    refitters = {flag: Refitter(senders[flag], bucket_bytes=bucket, num_buffers=1) for flag in senders}  # the real path
-    push = {flag: (lambda flag=flag: refitters[flag].push(weights, scales if flag else None)) for flag in senders}
-    times: dict[bool, list[float]] = {False: [], True: []}
-    for flag in senders:
-        push[flag]()
-    for _ in range(args.repeat):
-        for flag in senders:
+    # Sender: the pushes alternate, so drift in the machine's speed hits them alike.
+    kinds = ("without", "in_place", "new_tensors")
+    senders = {kind: PackOnly(dev) for kind in kinds}
+    refitters = {kind: Refitter(senders[kind], bucket_bytes=bucket, num_buffers=1) for kind in kinds}  # the real path
+    given: dict[str, dict[str, torch.Tensor] | None] = {"without": None, "in_place": scales, "new_tensors": None}
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for i in range(args.repeat + 1):  # the first round warms up
+        for kind in kinds:
+            if kind == "new_tensors":  # made (and the last ones dropped) outside the timing
+                given[kind] = None
+                given[kind] = {k: v * 1.0 for k, v in scales.items()}
             sync(dev)
             t0 = time.perf_counter()
-            push[flag]()
+            refitters[kind].push(weights, given[kind])
             sync(dev)
-            times[flag].append(time.perf_counter() - t0)
-    s_without, s_with = (sorted(times[f])[args.repeat // 2] for f in (False, True))
-    snd = senders[True]
+            if i:
+                times[kind].append(time.perf_counter() - t0)
+    s_without, s_with, s_new = (sorted(times[kind])[args.repeat // 2] for kind in kinds)
+    snd = senders["in_place"]
 
     # receiver side, on the bucket the sender packed: unpack + validate every scale
     got = Collector()(weights, scales)
@@ -131,10 +136,12 @@ def main() -> None:
         "scales": args.scales,
         "sender_push_without_scales_ms": s_without * 1e3,
         "sender_push_with_scales_ms": s_with * 1e3,
+        "sender_push_with_new_scale_tensors_ms": s_new * 1e3,
         "receiver_unpack_runs_validate_ms": r_runs * 1e3,
         "receiver_unpack_per_scale_views_ms": r_each * 1e3,
         "extra_with_run_views_ms": (sender_extra + r_runs) * 1e3,
         "extra_with_per_scale_views_ms": (sender_extra + r_each) * 1e3,
+        "extra_new_tensors_with_run_views_ms": (s_new - s_without + r_runs) * 1e3,
         "receiver_apply_all_ms": r_apply * 1e3,
         "ceiling_dense_copy_ms": ceiling * 1e3,
     }

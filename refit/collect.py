@@ -5,15 +5,19 @@ values); nothing is sent for an invalid push. Scales are planned first, so recei
 them before they apply any weight.
 
 Scales are the hot spot of pushes with many small tensors, so their layout is remembered
-between pushes. When the scales of the next push sit in the same memory (same names, same data
-pointers and ranks: quantizer buffers updated in place, or new 0-d views of one flat buffer),
-the per-tensor checks are skipped and each run of scales is read with one operation at the
-recorded addresses (see ``gather.py``), then validated and packed as a stacked block (see
-``scales.py``). The layout keeps the scales' storages allocated until a push with other scales
-(or ``Refitter.close``), so an equal address is the same memory; a scale given new memory
-(``.data = ...``) or another rank (``unsqueeze_``) makes the layout be built again. Not
-detected: a scale reinterpreted in place as another dtype of the same size, and a held storage
-resized in place (it moves) whose old address a new scale then takes.
+between pushes. When the scales of the next push have the same names and sit in the same memory
+(same data pointers and ranks: quantizer buffers updated in place, or new 0-d views of one flat
+buffer), the per-tensor checks are skipped and each run of scales is read with one operation at
+the recorded addresses (see ``gather.py``), then validated and packed as a stacked block (see
+``scales.py``). The layout built from a push's scales keeps their storages allocated until a
+push with other scales (or ``Refitter.close``), so an equal address is the same memory; a scale
+given new memory (``.data = ...``) or another rank (``unsqueeze_``) is checked again. Not
+detected there: a scale reinterpreted in place as another dtype of the same size, and a held
+storage resized in place (it moves) whose old address a new scale then takes.
+
+Scales that are new tensors every push (``amax / 448`` computed at refit time) are checked in
+bulk for the layout's types, dtypes, devices and ranks, and the layout is aimed at their memory
+without keeping it: from then on dtypes are compared every push too.
 
 Likewise a state whose names and tensor objects are those of the previous push is not
 re-checked (a tensor resized in place since then fails loudly at pack time, never silently).
