@@ -223,11 +223,10 @@ class Collector:
                 return None, None
         assert layout is not None  # invariant: set above
         stacks = []
-        with torch.inference_mode():  # the stacks are only read (validated, packed): cheapest mode
-            for (s, e), gather, mask in zip(layout.groups, layout.gathers, layout.masks):
-                stacked = gather(values[s:e])
-                problems += run_problems(names[s:e], stacked, mask)
-                stacks.append(stacked)
+        for (s, e), gather, mask in zip(layout.groups, layout.gathers, layout.masks):
+            stacked = gather(values[s:e])
+            problems += run_problems(names[s:e], stacked, mask)
+            stacks.append(stacked)
         problems += [p for i in layout.singles if (p := value_problem(names[i], values[i].detach()))]
         if problems:
             self._layout = None
