@@ -5,19 +5,14 @@ values); nothing is sent for an invalid push. Scales are planned first, so recei
 them before they apply any weight.
 
 Scales are the hot spot of pushes with many small tensors, so their layout is remembered
-between pushes. When the scales of the next push have the same names and sit in the same memory
-(same data pointers and ranks: quantizer buffers updated in place, or new 0-d views of one flat
-buffer), the per-tensor checks are skipped and each run of scales is read with one operation at
-the recorded addresses (see ``gather.py``), then validated and packed as a stacked block (see
-``scales.py``). The layout built from a push's scales keeps their storages allocated until a
-push with other scales (or ``Refitter.close``), so an equal address is the same memory; a scale
-given new memory (``.data = ...``) or another rank (``unsqueeze_``) is checked again. Not
-detected there: a scale reinterpreted in place as another dtype of the same size, and a held
-storage resized in place (it moves) whose old address a new scale then takes.
-
-Scales that are new tensors every push (``amax / 448`` computed at refit time) are checked in
-bulk for the layout's types, dtypes, devices and ranks, and the layout is aimed at their memory
-without keeping it: from then on dtypes are compared every push too.
+between pushes. Every push compares each scale's data pointer, rank and dtype with the layout's
+(one C-level pass each, no Python per scale). Scales in the same memory (quantizer buffers
+updated in place, or new 0-d views of one flat buffer) are read with one operation per run at
+their addresses (see ``gather.py``), then validated and packed as a stacked block (see
+``scales.py``). Scales that are new tensors every push (``amax / 448`` computed at refit time)
+are checked in bulk for the layout's types and devices too, and the layout is aimed at their
+memory. Anything else (other names or order, a scale given another rank or dtype, a value that
+is not a tensor) builds the layout again with every per-tensor check.
 
 Likewise a state whose names and tensor objects are those of the previous push is not
 re-checked (a tensor resized in place since then fails loudly at pack time, never silently).
@@ -92,7 +87,6 @@ class _ScaleLayout:
     entries: list[PlanEntry]
     groups: list[tuple[int, int]]  # [start, end) of stacked blocks
     gathers: list[Gather]  # per group: reads its scales
-    holds_storages: bool  # the gathers keep the scales' memory allocated (else nothing is kept)
     masks: list[torch.Tensor | None]
     singles: list[int]  # scales validated one by one
     position: dict[str, tuple[int, int]]
@@ -102,27 +96,25 @@ class _ScaleLayout:
     def follow(self, values: list[Any]) -> bool:
         """Whether this layout reads ``values`` (the scales of a push with the same names).
 
-        Scales in the same memory are read where they are; scales in other memory (new
-        tensors every push) of the same types, dtypes, devices and ranks are read once the
-        gathers are aimed at them (keeping nothing: from then on, dtypes are compared every
-        push). Anything else needs a new layout.
+        Every scale's data pointer, rank and dtype are compared with the layout's (one C-level
+        pass each). Scales in the same memory are read where they are; scales in other memory
+        (new tensors every push) of the same types and devices are read once the gathers are
+        aimed at them. Anything else needs a new layout.
         """
         try:
             where = _where(values)
         except (TypeError, RuntimeError):  # not a tensor, or one without storage: check it properly
             return False
-        if where[1] != self.where[1] or not all(values[i].shape == self.entries[i].shape for i in self.singles):
+        if where[1] != self.where[1] or list(map(_DTYPE_OF, values)) != self.dtypes:
+            return False
+        if not all(values[i].shape == self.entries[i].shape for i in self.singles):
             return False
         if where[0] == self.where[0]:  # the same memory (so the same devices)
-            if self.holds_storages:  # no other tensor can sit at these addresses
-                return all(values[i].dtype == self.entries[i].dtype for i in self.singles)
-            return list(map(_DTYPE_OF, values)) == self.dtypes
-        if not _PLAIN_TYPES.issuperset(map(type, values)):
+            return True
+        if not _PLAIN_TYPES.issuperset(map(type, values)) or list(map(_DEVICE_OF, values)) != self.devices:
             return False
-        if list(map(_DTYPE_OF, values)) != self.dtypes or list(map(_DEVICE_OF, values)) != self.devices:
-            return False
-        self.gathers = [Gather(values[s:e], where[0][s:e], hold=False) for s, e in self.groups]
-        self.where, self.holds_storages = where, False
+        self.gathers = [Gather(values[s:e], where[0][s:e]) for s, e in self.groups]
+        self.where = where
         return True
 
 
@@ -152,7 +144,7 @@ class Collector:
     """Validates push input; remembers the scales' layout between pushes."""
 
     def __init__(self) -> None:
-        self._layout: _ScaleLayout | None = None  # holds views of the last scales (their storages)
+        self._layout: _ScaleLayout | None = None  # the last scales' layout
         # the last state (names and tensor objects) and what it gave, reused when the same
         # tensors come again (e.g. the same parameters every step)
         self._last: tuple[_ScaleLayout | None, tuple[str, ...], list[weakref.ref[Any]], list[PlanEntry], tuple[list[Any], list[Any]]] | None = None
@@ -170,15 +162,15 @@ class Collector:
             raise PlanError("pass module.state_dict() (or named_parameters()), not the module itself")
         problems: list[str] = []
         layout, blocks = self._scales(scales or {}, problems)
-        scale_sources: dict[str, torch.Tensor | Lazy] = dict(scales or {}) if layout is not None else {}
+        sources: dict[str, torch.Tensor | Lazy] = dict(scales or {}) if layout is not None else {}
         if isinstance(state, Mapping) and not problems:
             names, values = tuple(state), list(state.values())
             last = self._last
             if last is not None and last[0] is layout and last[1] == names and _same_objects(last[2], values) and last[4] == _signature(values):
                 # the same tensors as last push: nothing to re-check
-                return Collected(last[3], {**scale_sources, **dict(zip(names, values))}, blocks)
+                sources.update(zip(names, values))
+                return Collected(last[3], sources, blocks)
         entries = list(layout.entries) if layout else []
-        sources: dict[str, torch.Tensor | Lazy] = dict(scale_sources)
         items = state.items() if isinstance(state, Mapping) else state
         for pair in items:
             if not isinstance(pair, tuple) or len(pair) != 2:
@@ -208,7 +200,7 @@ class Collector:
         return Collected(entries, sources, blocks)
 
     def clear(self) -> None:
-        """Forget what was remembered of the last push (and release the scales' storages)."""
+        """Forget what was remembered of the last push."""
         self._layout = None
         self._last = None
 
@@ -250,8 +242,14 @@ class Collector:
         i = 0
         while i < len(entries):
             j = i + 1
-            if entries[i].shape == ():
-                while j < len(entries) and entries[j].shape == () and entries[j].dtype == entries[i].dtype and values[j].device == values[i].device:
+            if entries[i].shape == () and type(values[i]) in _PLAIN:  # subclasses: one by one (dispatch)
+                while (
+                    j < len(entries)
+                    and entries[j].shape == ()
+                    and type(values[j]) in _PLAIN
+                    and entries[j].dtype == entries[i].dtype
+                    and values[j].device == values[i].device
+                ):
                     j += 1
             if j - i >= MIN_RUN:
                 groups.append((i, j))
@@ -263,4 +261,4 @@ class Collector:
         where = _where(values)
         gathers = [Gather(values[s:e], where[0][s:e]) for s, e in groups]
         dtypes, devices = list(map(_DTYPE_OF, values)), list(map(_DEVICE_OF, values))
-        return _ScaleLayout(names, where, entries, groups, gathers, True, masks, singles, position, dtypes, devices)
+        return _ScaleLayout(names, where, entries, groups, gathers, masks, singles, position, dtypes, devices)

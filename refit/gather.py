@@ -7,12 +7,11 @@ tensor of integers of the scales' size (a *window*: nothing is allocated, copied
 when it is made) and reads the scales with one ``index_select`` at their offsets in it, in
 about 10 us. Only the indexed elements are ever read.
 
-The caller guarantees that every address is still the data pointer of a live tensor of the
-dtype the gather was made for: :mod:`refit.collect` compares each scale's data pointer and
-rank with those recorded, every push, and either keeps each scale's storage allocated (so no
-other memory can take its address) or compares dtypes too. Where no window can be made (the
-offsets are not whole elements apart, or a device other than CPU or CUDA), the tensors are
-stacked instead: same values, slower.
+The caller guarantees, at every read, that each address is the data pointer of a live 0-d
+tensor of the gather's dtype: :mod:`refit.collect` compares every scale's data pointer, rank
+and dtype with those the gather was made for, every push. Where no window can be made, or the
+raw memory is not the value (a tensor with torch's negative bit, a tensor with no memory), the
+tensors are stacked instead: same values, slower.
 """
 
 from __future__ import annotations
@@ -26,6 +25,8 @@ from refit.meta import itemsize
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # any dtype's bits, by size
 _HOST_MEMORY = ctypes.c_char * sys.maxsize  # a buffer type for any host address range (never read whole)
+_LOWEST = 1 << 16  # no tensor's memory starts below this (a null pointer plus an offset does)
+_IS_NEG = torch.Tensor.is_neg
 
 
 class _DeviceRange:
@@ -54,27 +55,31 @@ class Gather:
     Args:
         values: the tensors (0-d, one dtype, one device).
         pointers: their data pointers.
-        hold: keep a 1-d view of each tensor, which keeps its memory allocated even if the
-            tensor is given other memory (``.data = ...``) or dropped. Without it nothing is
-            kept, and the caller compares dtypes as well as data pointers and ranks every read.
     """
 
-    def __init__(self, values: list[torch.Tensor], pointers: list[int], *, hold: bool = True) -> None:
+    def __init__(self, values: list[torch.Tensor], pointers: list[int]) -> None:
         self.dtype, device = values[0].dtype, values[0].device
-        self.held = [v.detach().view(1) for v in values] if hold else None
-        size = itemsize(self.dtype)
-        at = torch.tensor(pointers, dtype=torch.int64)
-        address = int(at.min())
-        offsets = at - address
-        aligned = address % size == 0 and not bool((offsets % size).any())
-        window = _window(address, int(offsets.max()) + size, device) if aligned else None
-        self._window = window.view(_BITS[size]) if window is not None else None
-        self._index = (offsets // size).to(device) if window is not None else None
+        self._window: torch.Tensor | None = None
+        self._index: torch.Tensor | None = None
+        size, address = itemsize(self.dtype), min(pointers)
+        if address < _LOWEST or address % size or any(map(_IS_NEG, values)):
+            return
+        offsets = torch.tensor(pointers, dtype=torch.int64) - address
+        if bool((offsets % size).any()):
+            return
+        window = _window(address, int(offsets.max()) + size, device)
+        if window is not None:
+            self._window, self._index = window.view(_BITS[size]), (offsets // size).to(device)
+
+    @property
+    def windowed(self) -> bool:
+        """True if the values are read through a window (else stacked)."""
+        return self._window is not None
 
     def __call__(self, values: list[torch.Tensor]) -> torch.Tensor:
-        """The values now of the tensors (``values``: the same tensors, or ones at the same
-        addresses), as a new 1-D tensor."""
-        if self._window is not None and self._index is not None:
-            return self._window.index_select(0, self._index).view(self.dtype)
+        """The values now of ``values`` (the tensors the gather was made for, or tensors of the
+        same dtype at the same addresses), as a new 1-D tensor."""
+        if self._window is not None:
+            return self._window.index_select(0, self._index).view(self.dtype)  # type: ignore[arg-type]
         with torch.inference_mode():  # only read: the cheapest mode
-            return torch.stack(self.held if self.held is not None else values).view(len(values))
+            return torch.stack(values).view(len(values))

@@ -24,8 +24,8 @@ def pointers(values: list[torch.Tensor]) -> list[int]:
     return [v.data_ptr() for v in values]
 
 
-def check_reads_current_values(values: list[torch.Tensor], gen: torch.Generator, *, hold: bool = True) -> Gather:
-    g = Gather(values, pointers(values), hold=hold)
+def check_reads_current_values(values: list[torch.Tensor], gen: torch.Generator) -> Gather:
+    g = Gather(values, pointers(values))
     assert same_bits(g(values), torch.stack(values))
     for v in values[::3]:  # in place, as a quantizer updates its amax
         v.copy_(random_tensor((), v.dtype, gen, str(v.device)))
@@ -35,22 +35,31 @@ def check_reads_current_values(values: list[torch.Tensor], gen: torch.Generator,
 
 @pytest.mark.parametrize("dtype", sorted(DTYPES.values(), key=str), ids=str)
 def test_every_dtype_is_read_bit_exact_through_the_window(dtype: torch.dtype, gen: torch.Generator) -> None:
-    g = check_reads_current_values(scattered(dtype, gen), gen)
-    assert g._window is not None  # the fast path was taken
+    assert check_reads_current_values(scattered(dtype, gen), gen).windowed
 
 
-@pytest.mark.parametrize("hold", [True, False])
-def test_without_a_window_the_tensors_are_stacked(hold: bool, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_a_window_the_tensors_are_stacked(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gather_module, "_window", lambda *args: None)
-    g = check_reads_current_values(scattered(torch.float32, gen), gen, hold=hold)
-    assert g._window is None and (g.held is not None) == hold
+    assert not check_reads_current_values(scattered(torch.float32, gen), gen).windowed
 
 
-def test_storages_are_kept_while_the_gather_lives(gen: torch.Generator) -> None:
-    values = scattered(torch.float32, gen)
-    addresses = pointers(values)
-    g = Gather(values, addresses)
-    del values  # the trainer dropped its tensors: nothing may take their memory yet
-    newcomers = [torch.zeros(()) for _ in range(200)]
-    assert not {t.data_ptr() for t in newcomers} & set(addresses)
-    assert g.held is not None
+def test_misaligned_tensors_are_stacked(gen: torch.Generator) -> None:
+    raw = bytearray(4 * 64 + 1)
+    flat = torch.frombuffer(raw, dtype=torch.float32, offset=1)  # every element one byte off
+    flat.copy_(torch.rand(64) + 0.5)
+    values = [*flat.unbind()[:20], *scattered(torch.float32, gen)[:20]]
+    assert not check_reads_current_values(values, gen).windowed
+
+
+def test_memory_that_is_not_the_value_is_stacked() -> None:
+    """torch's negative bit (a public ``complex.conj().imag`` has it) and tensors without
+    memory: their raw bytes are not their values."""
+    negative = torch.tensor(1 + 2j, dtype=torch.complex64).conj().imag
+    assert negative.is_neg() and float(negative) == -2.0
+    values = [torch.tensor(float(i)) for i in range(8)] + [negative]
+    g = Gather(values, pointers(values))
+    assert not g.windowed and float(g(values)[-1]) == -2.0
+    zero = torch._efficientzerotensor(())  # data_ptr() == 0
+    values = [torch.tensor(1.0)] * 8 + [zero]
+    g = Gather(values, pointers(values))
+    assert not g.windowed and float(g(values)[-1]) == 0.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -153,7 +155,7 @@ def test_new_scale_tensors_every_push_are_followed() -> None:
     for step in range(1, 4):
         scales = {k: v * (step + 1) for k, v in base.items()}  # new tensors
         r.push({}, scales)
-        assert r._collect._layout is layout and not layout.holds_storages  # followed, not rebuilt
+        assert r._collect._layout is layout  # followed, not rebuilt
         assert all(same_bits(target[k], v) for k, v in scales.items()), step
     for v in scales.values():  # then updated in place: read where they are
         v.add_(1)
@@ -161,23 +163,71 @@ def test_new_scale_tensors_every_push_are_followed() -> None:
     assert r._collect._layout is layout and all(same_bits(target[k], v) for k, v in scales.items())
 
 
-def test_followed_scales_that_change_are_checked_again() -> None:
-    base = many_scales(60)
-    r = Refitter("local", target={k: torch.zeros_like(v) for k, v in base.items()})
-    r.push({}, base)
-    name = "l3.weight_scale"
-    for bad, error, match in [
-        (torch.tensor(2.0, dtype=torch.float64), ResolveError, f"{name}: dtype torch.float64 does not match target torch.float32"),
-        (torch.ones(1), ResolveError, rf"{name}: shape \[1\] does not match target \[\]"),
-        (2.0, PlanError, f"{name}: expected a torch.Tensor"),
-        (torch.tensor(-1.0), PlanError, f"{name}: scale has values <= 0"),
-    ]:
-        scales = {k: v.clone() for k, v in base.items()}
-        scales[name] = bad  # type: ignore[assignment]
+def with_vector(scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``scales`` plus a per-channel (rank-1) scale, which is checked on its own."""
+    return {**scales, "l0.channel_scale": torch.full((4,), 0.5)}
+
+
+@pytest.mark.parametrize("memory", ["same", "new"])
+def test_scales_that_change_are_checked_again(memory: str) -> None:
+    """Whether the scales sit where they did or are new tensors, a change of dtype (in place
+    too), rank, shape, type or device, or a bad value, is caught by the full checks."""
+    base = with_vector(many_scales(60))
+    name = "l3.weight_scale"  # in a run of 0-d float32 scales
+    cases: list[tuple[Any, type[Exception], str]] = [
+        (lambda t: t.view(torch.int32), ResolveError, f"{name}: dtype torch.int32 does not match target torch.float32"),
+        (lambda t: t.to(torch.float64), ResolveError, f"{name}: dtype torch.float64 does not match target torch.float32"),
+        (lambda t: t.reshape(1), ResolveError, rf"{name}: shape \[1\] does not match target \[\]"),
+        (lambda t: 2.0, PlanError, f"{name}: expected a torch.Tensor"),
+        (lambda t: torch.empty((), device="meta"), PlanError, f"{name}: .*meta tensors cannot travel"),
+        (lambda t: torch.tensor(-1.0), PlanError, f"{name}: scale has values <= 0"),
+        (lambda t: torch.tensor(1 + 2j).conj().imag, PlanError, f"{name}: scale has values <= 0"),  # -2.0, negative bit
+    ]
+    target = {k: torch.zeros_like(v) for k, v in base.items()}
+    r = Refitter("local", target=target)
+    for change, error, match in cases:
+        scales = base if memory == "same" else {k: v.clone() for k, v in base.items()}
+        r.push({}, scales)  # the layout is built, or followed
+        kept = scales[name]
+        changed = {**scales, name: change(kept)}
         with pytest.raises(error, match=match):
-            r.push({}, scales)
-    scales = {k: v.clone() for k, v in base.items()}
-    r.push({}, scales)  # and the clean push after them goes through
-    scales[name].data = scales[name].data.to(torch.float64)  # same object, another dtype
-    with pytest.raises(ResolveError, match=f"{name}: dtype torch.float64"):
+            r.push({}, changed)
+    scales = {**base, "l0.channel_scale": torch.full((5,), 0.5)}  # same rank, other shape
+    with pytest.raises(ResolveError, match=r"l0.channel_scale: shape \[5\] does not match target \[4\]"):
         r.push({}, scales)
+    r.push({}, base)  # and a clean push after them goes through
+    assert all(same_bits(target[k], v) for k, v in base.items())
+
+
+def test_same_object_given_another_dtype_in_place_is_caught() -> None:
+    """``.data = t.data.view(int32)``: same object, same address, same size, other dtype."""
+    scales = many_scales(40)
+    r = Refitter("local", target={k: torch.zeros_like(v) for k, v in scales.items()})
+    r.push({}, scales)
+    scales["l3.weight_scale"].data = scales["l3.weight_scale"].data.view(torch.int32)
+    with pytest.raises(ResolveError, match="l3.weight_scale: dtype torch.int32"):
+        r.push({}, scales)
+
+
+def test_subclass_scales_are_read_one_by_one() -> None:
+    """A tensor subclass's ops go through its ``__torch_function__``, so its value may not be its
+    raw memory: it is validated and packed on its own, never read by address."""
+    seen: list[object] = []
+
+    class Tracked(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    names = [f"l{i}.weight_scale" for i in range(12)]
+    target = {n: torch.zeros(()) for n in names}
+    scales = {n: torch.tensor(float(i + 1)) for i, n in enumerate(names)}
+    scales[names[5]] = torch.tensor(6.0).as_subclass(Tracked)
+    r = Refitter("local", target=target)
+    for _ in range(2):  # built, then the others are new tensors
+        seen.clear()
+        r.push({}, scales)
+        assert [float(target[n]) for n in names] == [float(i + 1) for i in range(12)]
+        assert seen and 5 in r._collect._layout.singles  # type: ignore[union-attr]
+        scales = {n: v.clone() if type(v) is torch.Tensor else v for n, v in scales.items()}

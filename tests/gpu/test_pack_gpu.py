@@ -120,4 +120,18 @@ def test_scales_on_two_devices_are_stacked_per_device() -> None:
 def test_cuda_scales_are_read_through_one_window(dtype: torch.dtype, gen: torch.Generator) -> None:
     """0-d CUDA tensors (separate allocations and views of one buffer) read by one gather."""
     g = check_reads_current_values(scattered(dtype, gen, "cuda"), gen)
-    assert g._window is not None and g._window.is_cuda
+    assert g.windowed and g._window is not None and g._window.is_cuda
+
+
+def test_new_cuda_scale_tensors_every_push(gen: torch.Generator) -> None:
+    """Scales made anew every push on the GPU: the layout follows them, values bit-exact."""
+    base = {f"l{i}.weight_scale": torch.rand((), device="cuda") + 0.5 for i in range(300)}
+    target = {k: torch.zeros((), device="cuda") for k in base}
+    with Refitter("local", target=target) as r:
+        r.push({}, base)
+        layout = r._collect._layout
+        for step in range(3):
+            scales = {k: v * (step + 2) for k, v in base.items()}
+            r.push({}, scales)
+            assert r._collect._layout is layout
+            assert all(same_bits(target[k], v) for k, v in scales.items()), step
