@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -51,6 +52,22 @@ def _error(exc: BaseException, worker: str) -> dict[str, Any]:
     kind = type(exc).__name__ if isinstance(exc, RefitError) else "TransportError"
     problems = [str(p) for p in getattr(exc, "problems", [])]
     return {"error": {"kind": kind, "message": f"{type(exc).__name__}: {exc}", "problems": problems, "worker": worker}}
+
+
+_Reply = Callable[..., dict[str, Any]]
+
+
+def _replies(method: _Reply) -> _Reply:
+    """A worker RPC method whose exceptions come back as ``{"error": ...}`` (see module doc)."""
+
+    @functools.wraps(method)
+    def wrapper(self: RefitWorkerExtension, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException as exc:
+            return _error(exc, self._refit_name())
+
+    return wrapper
 
 
 class RefitWorkerExtension:
@@ -76,30 +93,26 @@ class RefitWorkerExtension:
             self._refit_loader_obj = loader
         return loader
 
+    @_replies
     def refit_open(self, transport: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Join ``transport`` as a receiver; returns ``{"info": receiver.info()}``."""
-        try:
-            self.refit_close()
-            module = load_transport(transport)
-            opts = dict(options or {})
-            rx: ReceiverTransport = module.Receiver(name=self._refit_name(), **opts)  # type: ignore[attr-defined]
-            self._refit_rx = rx
-            self._refit_loader()
-            return {"info": rx.info()}
-        except BaseException as exc:
-            return _error(exc, self._refit_name())
+        self.refit_close()
+        module = load_transport(transport)
+        rx: ReceiverTransport = module.Receiver(name=self._refit_name(), **dict(options or {}))  # type: ignore[attr-defined]
+        self._refit_rx = rx
+        self._refit_loader()
+        return {"info": rx.info()}
 
+    @_replies
     def refit_receive(self, timeout: float | None) -> dict[str, Any]:
         """Serve one push; returns ``{"report": RefitReport.to_wire() or None}``."""
-        try:
-            rx = getattr(self, "_refit_rx", None)
-            if rx is None:
-                raise TransportError(f"{self._refit_name()}: no transport joined; call refit_open first")
-            report = rx.receive(self._refit_loader(), timeout)
-            return {"report": None if report is None else report.to_wire()}
-        except BaseException as exc:
-            return _error(exc, self._refit_name())
+        rx = getattr(self, "_refit_rx", None)
+        if rx is None:
+            raise TransportError(f"{self._refit_name()}: no transport joined; call refit_open first")
+        report = rx.receive(self._refit_loader(), timeout)
+        return {"report": None if report is None else report.to_wire()}
 
+    @_replies
     def refit_prepare(self, manifest: dict[str, Any], version: int) -> dict[str, Any]:
         """First half of a push carried inside RPCs: resolve the whole manifest, load nothing.
 
@@ -107,101 +120,89 @@ class RefitWorkerExtension:
             manifest: ``refit.wire.manifest_to_wire`` form.
             version: the version to commit.
         """
-        try:
-            from refit.wire import manifest_from_wire
+        from refit.wire import manifest_from_wire
 
-            loader = self._refit_loader()
-            problems = loader.prepare(manifest_from_wire(manifest), version)
-            if problems:
-                raise ResolveError(f"{loader.name} refused the push; nothing was loaded:\n" + problem_list(problems), problems)
-            return {}
-        except BaseException as exc:
-            return _error(exc, self._refit_name())
+        loader = self._refit_loader()
+        problems = loader.prepare(manifest_from_wire(manifest), version)
+        if problems:
+            raise ResolveError(f"{loader.name} refused the push; nothing was loaded:\n" + problem_list(problems), problems)
+        return {}
 
+    @_replies
     def refit_apply(self, buckets: list[bytes]) -> dict[str, Any]:
         """Second half: apply every bucket (bytes, in order) of the prepared push and commit."""
+        loader = self._refit_loader()
         try:
-            loader = self._refit_loader()
             for i, data in enumerate(buckets):
                 loader.apply(i, torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8))
             return {"report": loader.finish().to_wire()}
         except BaseException as exc:
-            if getattr(self, "_refit_loader_obj", None) is not None and self._refit_loader_obj.active:
-                self._refit_loader_obj.abort(f"apply failed: {exc}")
-            return _error(exc, self._refit_name())
+            if loader.active:
+                loader.abort(f"apply failed: {exc}")
+            raise
 
+    @_replies
     def refit_abort(self, reason: str) -> dict[str, Any]:
         """Drop a prepared push (nothing of it was applied)."""
-        try:
-            self._refit_loader().abort(reason)
-            return {}
-        except BaseException as exc:
-            return _error(exc, self._refit_name())
+        self._refit_loader().abort(reason)
+        return {}
 
+    @_replies
     def refit_close(self) -> dict[str, Any]:
         rx = getattr(self, "_refit_rx", None)
         self._refit_rx = None  # type: ignore[assignment]
         if rx is not None:
-            try:
-                rx.close()
-            except BaseException as exc:
-                return _error(exc, self._refit_name())
+            rx.close()
         return {}
 
     # -- inspection (tests, debugging): plain values only
 
+    @_replies
     def refit_read(self, names: list[str]) -> dict[str, Any]:
         """Raw bytes, dtype and shape of model tensors / attributes by qualified name
         (``{"absent": why}`` for a name this worker does not hold)."""
-        try:
-            model = self.model_runner.get_model()  # type: ignore[attr-defined]
-            out: dict[str, Any] = {}
-            for name in names:
-                mod_name, _, attr = name.rpartition(".")
-                try:
-                    value = getattr(model.get_submodule(mod_name), attr)
-                except AttributeError as exc:  # e.g. a layer another PP stage owns
-                    out[name] = {"absent": str(exc)}
-                    continue
-                if isinstance(value, torch.Tensor):
-                    t = value.detach().cpu().contiguous()
-                    out[name] = {
-                        "dtype": str(t.dtype).removeprefix("torch."),
-                        "shape": list(t.shape),
-                        "data": bytes(host_bytes(t.reshape(-1).view(torch.uint8))),
-                    }
-                else:
-                    out[name] = {"value": value}
-            return {"tensors": out}
-        except BaseException as exc:
-            return _error(exc, self._refit_name())
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        out: dict[str, Any] = {}
+        for name in names:
+            mod_name, _, attr = name.rpartition(".")
+            try:
+                value = getattr(model.get_submodule(mod_name), attr)
+            except AttributeError as exc:  # e.g. a layer another PP stage owns
+                out[name] = {"absent": str(exc)}
+                continue
+            if isinstance(value, torch.Tensor):
+                t = value.detach().cpu().contiguous()
+                out[name] = {
+                    "dtype": str(t.dtype).removeprefix("torch."),
+                    "shape": list(t.shape),
+                    "data": bytes(host_bytes(t.reshape(-1).view(torch.uint8))),
+                }
+            else:
+                out[name] = {"value": value}
+        return {"tensors": out}
 
+    @_replies
     def refit_digest(self) -> dict[str, Any]:
         """sha256 of every parameter and buffer (name, dtype, shape, bytes) of this worker."""
-        try:
-            from refit.demo import digest
+        from refit.demo import digest
 
-            model = self.model_runner.get_model()  # type: ignore[attr-defined]
-            items = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
-            return {"digest": digest(items), "tensors": len(items)}
-        except BaseException as exc:
-            return _error(exc, self._refit_name())
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        items = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+        return {"digest": digest(items), "tensors": len(items)}
 
+    @_replies
     def refit_fix_pp(self) -> dict[str, Any]:
         """CPU workaround: with ``enforce_eager`` a non-first PP stage never allocates its
         intermediate tensors (see docs/vllm.md). Harmless on other ranks."""
-        try:
-            mr = self.model_runner  # type: ignore[attr-defined]
-            if getattr(mr, "intermediate_tensors", None) is None and hasattr(mr.model, "make_empty_intermediate_tensors"):
-                from vllm.distributed.parallel_state import get_pp_group
+        mr = self.model_runner  # type: ignore[attr-defined]
+        if getattr(mr, "intermediate_tensors", None) is None and hasattr(mr.model, "make_empty_intermediate_tensors"):
+            from vllm.distributed.parallel_state import get_pp_group
 
-                if not get_pp_group().is_first_rank:
-                    mr.intermediate_tensors = mr.model.make_empty_intermediate_tensors(
-                        batch_size=mr.max_num_tokens, dtype=mr.model_config.dtype, device=mr.device
-                    )
-            return {}
-        except BaseException as exc:
-            return _error(exc, self._refit_name())
+            if not get_pp_group().is_first_rank:
+                mr.intermediate_tensors = mr.model.make_empty_intermediate_tensors(
+                    batch_size=mr.max_num_tokens, dtype=mr.model_config.dtype, device=mr.device
+                )
+        return {}
 
 
 def raise_errors(replies: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -81,12 +81,19 @@ def vllm_greedy(llm: Any, prompts: list[list[int]] = PROMPTS, n: int = NEW_TOKEN
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def start_engine(model_dir: str, *, tp: int = 1, pp: int = 1, dtype: str = "float32") -> Any:
-    """A ``vllm.LLM`` on CPU with refit's worker extension and dummy weights."""
-    # a small KV cache (else it reserves most of RAM), no network; before vLLM reads them
+def offline_env(log_level: str | None = None) -> None:
+    """Defaults for vLLM on a CPU machine with no network, set before vLLM is imported: a small
+    KV cache (else it reserves most of RAM), no hub downloads, and optionally a log level."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if log_level is not None:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", log_level)
+
+
+def start_engine(model_dir: str, *, tp: int = 1, pp: int = 1, dtype: str = "float32") -> Any:
+    """A ``vllm.LLM`` on CPU with refit's worker extension and dummy weights."""
+    offline_env()
     from vllm import LLM
 
     from refit.adapters.vllm import EXTENSION

@@ -8,21 +8,18 @@ architecture's result is one JSON record: status ``pass`` / ``fail`` / ``skip`` 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 import time
 import traceback
 from typing import Any
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-
 import torch
 
+from refit.adapters.vllm_tiny import offline_env
 from tests.procs import free_port
+
+offline_env("ERROR")  # before vLLM is imported
 
 # Small sizes every config gets where it has the attribute (names differ between families).
 TINY: dict[str, Any] = {

@@ -3,7 +3,6 @@ weights, no hub, one engine per test module (engine start ~30 s on 2 CPU cores).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,13 +10,9 @@ from typing import Any
 import pytest
 import torch
 
-from refit.adapters.vllm_tiny import NEW_TOKENS, PROMPTS, QWEN2, hf_greedy, hf_state, shutdown, start_engine, vllm_greedy, write_config  # noqa: F401
+from refit.adapters.vllm_tiny import NEW_TOKENS, PROMPTS, QWEN2, hf_greedy, hf_state, offline_env, shutdown, start_engine, vllm_greedy, write_config  # noqa: F401
 
-# Before vLLM is imported anywhere: small KV cache, no network.
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+offline_env("WARNING")  # before vLLM is imported anywhere
 
 
 def digests(engine: Any) -> list[str]:
