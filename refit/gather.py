@@ -8,10 +8,12 @@ when it is made) and reads the scales with one ``index_select`` at their offsets
 about 10 us. Only the indexed elements are ever read.
 
 The caller guarantees, at every read, that each address is the data pointer of a live 0-d
-tensor of the gather's dtype: :mod:`refit.collect` compares every scale's data pointer, rank
-and dtype with those the gather was made for, every push. Where no window can be made, or the
-raw memory is not the value (a tensor with torch's negative bit, a tensor with no memory), the
-tensors are stacked instead: same values, slower.
+tensor of the gather's dtype (or of one of its size that shares the memory): :mod:`refit.collect`
+compares every scale's data pointer and rank with those the gather was made for, every push,
+and either the gather holds the tensors' memory (so no other tensor can take an address) or
+dtypes are compared too. Where no window can be made, or the raw memory is not the value (a
+tensor with torch's negative bit, a tensor with no memory), the tensors are stacked instead:
+same values, slower.
 """
 
 from __future__ import annotations
@@ -55,10 +57,14 @@ class Gather:
     Args:
         values: the tensors (0-d, one dtype, one device).
         pointers: their data pointers.
+        hold: keep a 1-d view of each tensor, which keeps its memory allocated even if the
+            tensor is given other memory (``.data = ...``) or dropped. Without it nothing is
+            kept, and the caller compares dtypes as well as data pointers and ranks every read.
     """
 
-    def __init__(self, values: list[torch.Tensor], pointers: list[int]) -> None:
+    def __init__(self, values: list[torch.Tensor], pointers: list[int], *, hold: bool = True) -> None:
         self.dtype, device = values[0].dtype, values[0].device
+        self.held = [v.detach().view(1) for v in values] if hold else None
         self._window: torch.Tensor | None = None
         self._index: torch.Tensor | None = None
         size, address = itemsize(self.dtype), min(pointers)
@@ -82,4 +88,4 @@ class Gather:
         if self._window is not None:
             return self._window.index_select(0, self._index).view(self.dtype)  # type: ignore[arg-type]
         with torch.inference_mode():  # only read: the cheapest mode
-            return torch.stack(values).view(len(values))
+            return torch.stack(self.held if self.held is not None else values).view(len(values))

@@ -24,8 +24,8 @@ def pointers(values: list[torch.Tensor]) -> list[int]:
     return [v.data_ptr() for v in values]
 
 
-def check_reads_current_values(values: list[torch.Tensor], gen: torch.Generator) -> Gather:
-    g = Gather(values, pointers(values))
+def check_reads_current_values(values: list[torch.Tensor], gen: torch.Generator, *, hold: bool = True) -> Gather:
+    g = Gather(values, pointers(values), hold=hold)
     assert same_bits(g(values), torch.stack(values))
     for v in values[::3]:  # in place, as a quantizer updates its amax
         v.copy_(random_tensor((), v.dtype, gen, str(v.device)))
@@ -38,9 +38,20 @@ def test_every_dtype_is_read_bit_exact_through_the_window(dtype: torch.dtype, ge
     assert check_reads_current_values(scattered(dtype, gen), gen).windowed
 
 
-def test_without_a_window_the_tensors_are_stacked(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("hold", [True, False])
+def test_without_a_window_the_tensors_are_stacked(hold: bool, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gather_module, "_window", lambda *args: None)
-    assert not check_reads_current_values(scattered(torch.float32, gen), gen).windowed
+    g = check_reads_current_values(scattered(torch.float32, gen), gen, hold=hold)
+    assert not g.windowed and (g.held is not None) == hold
+
+
+def test_held_memory_is_not_given_to_other_tensors(gen: torch.Generator) -> None:
+    values = scattered(torch.float32, gen)
+    addresses = pointers(values)
+    g = Gather(values, addresses)
+    del values  # the trainer dropped its tensors: nothing may take their memory while g lives
+    newcomers = [torch.zeros(()) for _ in range(200)]
+    assert g.held is not None and not {t.data_ptr() for t in newcomers} & set(addresses)
 
 
 def test_misaligned_tensors_are_stacked(gen: torch.Generator) -> None:
