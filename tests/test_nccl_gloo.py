@@ -122,6 +122,18 @@ def receiver_worker(cfg: dict[str, Any], q: Any) -> None:
                     os._exit(3)
 
             rx.loader.apply = apply_then_die  # type: ignore[method-assign]
+        if cfg.get("fail_join"):  # this receiver's first set-up fails (e.g. a device it cannot use)
+            import refit.transports.nccl as nccl_module
+
+            connect, calls = nccl_module.connect, []
+
+            def connect_failing_once(*args: Any, **kwargs: Any) -> Any:
+                calls.append(1)
+                if len(calls) == 1:
+                    raise TransportError("injected set-up failure")
+                return connect(*args, **kwargs)
+
+            nccl_module.connect = connect_failing_once  # type: ignore[assignment]
         q.put(("info", name, rx.info()))
         results: list[tuple[Any, ...]] = []
         marks: dict[str, tuple[int, int]] = {}
@@ -258,6 +270,24 @@ def test_refusal_by_one_receiver_stops_all() -> None:
         assert second[0] == "ok", second
         assert second[3] == expected_target("mixed", 2, mine, not_pushed=missing)
     assert out["rx1"]["results"][0][0] == "ResolveError"
+
+
+def test_receiver_whose_set_up_fails_ends_the_push_at_once_and_the_next_builds_a_new_group() -> None:
+    """A receiver that cannot join marks the group failed in the sender's store: every rank
+    waiting at set-up stops at once (not after the timeout), nothing is loaded anywhere, and the
+    next push builds a new group that everyone joins."""
+    timeout = 20.0
+    rxs = [rx_cfg("rx0", "small", 2), rx_cfg("rx1", "small", 2, fail_join=True), rx_cfg("rx2", "small", 2)]
+    out = run_world(rxs, {"timeout": timeout, "pushes": [("small", 1, ()), ("small", 2, ())]})
+    failed, accepted = out["sender"]["results"]
+    assert failed[0] == "TransportError" and "rx1 could not join: injected set-up failure" in failed[1], failed
+    assert failed[2] < timeout / 2, failed
+    assert accepted[0] == "ok" and len(accepted[3]) == 3, accepted
+    for name in ("rx0", "rx1", "rx2"):
+        first, second = out[name]["results"]
+        assert first[0] == "TransportError" and first[2] == expected_target("small", None) and first[3] is False, (name, first)
+        assert first[4] < timeout / 2, (name, first)
+        assert second[0] == "ok" and second[3] == expected_target("small", 2), (name, second)
 
 
 def test_receiver_killed_mid_stream() -> None:

@@ -257,6 +257,22 @@ class Communicator(ABC):
         self.close()
 
 
+_FAILED = "failed"  # store key: a rank's set-up failed (its message); the others stop waiting
+
+
+def _group_store(store: torch.distributed.Store, group: str) -> torch.distributed.Store:
+    return torch.distributed.PrefixStore(f"refit/{group}", store)
+
+
+def mark_failed(store: torch.distributed.Store, group: str, message: str) -> None:
+    """Tell the ranks of ``group`` waiting at set-up that this rank will not join (best effort:
+    where the store cannot be reached, they wait out their timeout)."""
+    with contextlib.suppress(Exception):
+        keys = _group_store(store, group)
+        if not keys.check([_FAILED]):
+            keys.set(_FAILED, message[:1000])
+
+
 def connect(rdv: Rendezvous, store: torch.distributed.Store, rank: int, device: torch.device, *, host: str | None = None) -> Communicator:
     """Join the group described by ``rdv`` as ``rank`` (blocks until every rank joined).
 
@@ -269,9 +285,10 @@ def connect(rdv: Rendezvous, store: torch.distributed.Store, rank: int, device: 
             loopback address, else the host's default interface).
 
     Raises:
-        TransportError: a rank did not arrive within ``rdv.timeout``, or set-up failed.
+        TransportError: a rank did not arrive within ``rdv.timeout``, one marked the group failed
+            (:func:`mark_failed`), or set-up failed.
     """
-    prefixed = torch.distributed.PrefixStore(f"refit/{rdv.group}", store)
+    prefixed = _group_store(store, rdv.group)
     if rdv.backend is Backend.GLOO:
         return GlooCommunicator(rdv, prefixed, rank, host=host)
     return NcclCommunicator(rdv, prefixed, rank, device)
@@ -308,6 +325,7 @@ class GlooCommunicator(Communicator):
         opts = ProcessGroupGloo._Options()  # type: ignore[attr-defined]
         opts._timeout = _td(rdv.timeout)
         opts._devices = [ProcessGroupGloo.create_device(hostname=host) if host else ProcessGroupGloo.create_default_device()]
+        _barrier(store, "init", rdv.world, rdv.timeout, self.name)  # gloo's own wait cannot stop early
         try:
             self.pg: Any = ProcessGroupGloo(store, rank, rdv.world, opts)
         except Exception as exc:
@@ -469,11 +487,14 @@ class NcclCommunicator(Communicator):
 
 
 def _barrier(store: torch.distributed.Store, key: str, world: int, timeout: float, name: str) -> None:
-    """Every rank arrives or TransportError after ``timeout`` (a store wait is bounded)."""
+    """Every rank arrives, or TransportError once a rank marked the group failed or after
+    ``timeout`` (a store wait is bounded)."""
     store.add(key, 1)
     deadline = time.monotonic() + timeout
     delay = 0.001
     while (n := store.add(key, 0)) < world:
+        if store.check([_FAILED]):
+            raise TransportError(f"{name}: {store.get(_FAILED).decode(errors='replace')} (phase set-up)")
         if time.monotonic() > deadline:
             raise TransportError(f"{name}: only {n} of {world} ranks arrived within {timeout} s (phase set-up)")
         time.sleep(delay)

@@ -35,6 +35,7 @@ from refit.report import RefitReport
 from refit.wire import Abort, Ack, Bucket, Done, Finish, Hello, Message, Verdict, decode, encode, peek_push_id
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:*"
+SETUP_FAILED = "transport set-up failed"  # how a refusal says the receiver could not join the transport
 
 
 class _SenderAborted(TransportError):
@@ -410,7 +411,7 @@ class ControlServer:
             try:
                 on_hello(hello)
             except Exception as exc:
-                self.reply(Verdict(hello.push_id, False, False, (f"transport set-up failed: {exc}"[:1000],), self.name))
+                self.reply(Verdict(hello.push_id, False, False, (f"{SETUP_FAILED}: {exc}"[:1000],), self.name))
                 raise
         manifest = hello.manifest or loader.knows(hello.digest)
         if manifest is None:

@@ -49,9 +49,10 @@ from refit.transports.collective import (
     client_store,
     connect,
     cupy_nccl,
+    mark_failed,
     new_group_id,
 )
-from refit.transports.control import DEFAULT_ADDRESS, ControlServer, PeerGroup
+from refit.transports.control import DEFAULT_ADDRESS, SETUP_FAILED, ControlServer, PeerGroup
 from refit.wire import Hello
 
 _GO_WORDS = 2  # int64 [push_id, go]
@@ -165,7 +166,7 @@ class NcclSender(Sender):
             # Receivers that answered their Hello are in the group and wait for the go word: a
             # no-go releases them at once. One whose set-up failed is not in the group, so the
             # group is dropped instead (the next push builds a new one).
-            setup_failed = any("transport set-up failed" in p for p in exc.problems)
+            setup_failed = any(SETUP_FAILED in p for p in exc.problems)
             try:
                 if setup_failed or self._comm is None:
                     raise TransportError("group incomplete")
@@ -181,7 +182,11 @@ class NcclSender(Sender):
     def _join(self) -> None:
         """After every Hello is out: the sender joins a new group as rank 0 (blocks for all)."""
         if self._joining and self._store is not None and self._store.store is not None:
-            self._comm = connect(self._rendezvous(0), self._store.store, 0, self.device, host=self.host)
+            try:
+                self._comm = connect(self._rendezvous(0), self._store.store, 0, self.device, host=self.host)
+            except BaseException as exc:
+                mark_failed(self._store.store, self._group_id, f"the sender could not join: {exc}")
+                raise
 
     def _go_word(self, push_id: int, what: str) -> Handle:
         if self._comm is None:
@@ -300,7 +305,11 @@ class NcclReceiver(ReceiverTransport):
             raise TransportError(f"{self.name} is not a member of group {rdv.group} (it failed or restarted); the next push builds a new group")
         device = self._device_for(rdv.backend)
         store = client_store(rdv.host, rdv.port, rdv.timeout)
-        self._comm = connect(rdv, store, rdv.rank, device, host=self.host)
+        try:
+            self._comm = connect(rdv, store, rdv.rank, device, host=self.host)
+        except BaseException as exc:
+            mark_failed(store, rdv.group, f"{self.name} could not join: {exc}")
+            raise
         self._group_id, self._rank, self._in_group = rdv.group, rdv.rank, True
         self._go = _go_buffer(device)
 
