@@ -280,7 +280,7 @@ def test_receiver_whose_set_up_fails_ends_the_push_at_once_and_the_next_builds_a
     rxs = [rx_cfg("rx0", "small", 2), rx_cfg("rx1", "small", 2, fail_join=True), rx_cfg("rx2", "small", 2)]
     out = run_world(rxs, {"timeout": timeout, "pushes": [("small", 1, ()), ("small", 2, ())]})
     failed, accepted = out["sender"]["results"]
-    assert failed[0] == "TransportError" and "rx1 could not join: injected set-up failure" in failed[1], failed
+    assert failed[0] == "TransportError" and "rx1 (rank 2) could not join: injected set-up failure" in failed[1], failed
     assert failed[2] < timeout / 2, failed
     assert accepted[0] == "ok" and len(accepted[3]) == 3, accepted
     for name in ("rx0", "rx1", "rx2"):

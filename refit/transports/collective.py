@@ -257,20 +257,28 @@ class Communicator(ABC):
         self.close()
 
 
-_FAILED = "failed"  # store key: a rank's set-up failed (its message); the others stop waiting
+_OUTCOME, _GO = "outcome", "go"  # store key set once per group: "go", or why its set-up failed
+
+
+class GroupSetupFailed(TransportError):
+    """A group's set-up was called off: a rank did not arrive in time, or one marked it failed."""
 
 
 def _group_store(store: torch.distributed.Store, group: str) -> torch.distributed.Store:
     return torch.distributed.PrefixStore(f"refit/{group}", store)
 
 
+def _decide(keys: torch.distributed.Store, outcome: str) -> str:
+    """Set the group's outcome unless one is set (atomic: every rank sees the same); return it."""
+    return keys.compare_set(_OUTCOME, "", outcome).decode(errors="replace")
+
+
 def mark_failed(store: torch.distributed.Store, group: str, message: str) -> None:
     """Tell the ranks of ``group`` waiting at set-up that this rank will not join (best effort:
-    where the store cannot be reached, they wait out their timeout)."""
+    where the store cannot be reached, they wait out their timeout). The first mark wins; once
+    every rank arrived, a mark changes nothing."""
     with contextlib.suppress(Exception):
-        keys = _group_store(store, group)
-        if not keys.check([_FAILED]):
-            keys.set(_FAILED, message[:1000])
+        _decide(_group_store(store, group), message[:1000])
 
 
 def connect(rdv: Rendezvous, store: torch.distributed.Store, rank: int, device: torch.device, *, host: str | None = None) -> Communicator:
@@ -285,8 +293,9 @@ def connect(rdv: Rendezvous, store: torch.distributed.Store, rank: int, device: 
             loopback address, else the host's default interface).
 
     Raises:
-        TransportError: a rank did not arrive within ``rdv.timeout``, one marked the group failed
-            (:func:`mark_failed`), or set-up failed.
+        GroupSetupFailed: a rank did not arrive within ``rdv.timeout``, or one marked the group
+            failed (:func:`mark_failed`).
+        TransportError: set-up failed here.
     """
     prefixed = _group_store(store, rdv.group)
     if rdv.backend is Backend.GLOO:
@@ -325,7 +334,7 @@ class GlooCommunicator(Communicator):
         opts = ProcessGroupGloo._Options()  # type: ignore[attr-defined]
         opts._timeout = _td(rdv.timeout)
         opts._devices = [ProcessGroupGloo.create_device(hostname=host) if host else ProcessGroupGloo.create_default_device()]
-        _barrier(store, "init", rdv.world, rdv.timeout, self.name)  # gloo's own wait cannot stop early
+        _barrier(store, "init", rdv.world, rank, rdv.timeout, self.name)  # gloo's own wait cannot stop early
         try:
             self.pg: Any = ProcessGroupGloo(store, rank, rdv.world, opts)
         except Exception as exc:
@@ -400,7 +409,7 @@ class NcclCommunicator(Communicator):
         self.rank, self.world, self.timeout = rank, rdv.world, rdv.timeout
         self.name = f"NCCL group {rdv.group} (rank {rank} of {rdv.world})"
         self.device = torch.device("cuda", cuda_index(device))
-        _barrier(store, "init", rdv.world, rdv.timeout, self.name)
+        _barrier(store, "init", rdv.world, rank, rdv.timeout, self.name)
         import cupy
 
         with cupy.cuda.Device(self.device.index):
@@ -486,16 +495,26 @@ class NcclCommunicator(Communicator):
             comm.abort()
 
 
-def _barrier(store: torch.distributed.Store, key: str, world: int, timeout: float, name: str) -> None:
-    """Every rank arrives, or TransportError once a rank marked the group failed or after
-    ``timeout`` (a store wait is bounded)."""
+def _barrier(store: torch.distributed.Store, key: str, world: int, rank: int, timeout: float, name: str) -> None:
+    """Every rank arrives, or :class:`GroupSetupFailed` on every rank: once a rank marked the
+    group failed, or after ``timeout``. The outcome is decided once, in the store, so a rank
+    that arrives after the others gave up fails too instead of waiting alone."""
+    store.set(f"{key}/{rank}", "1")
     store.add(key, 1)
     deadline = time.monotonic() + timeout
     delay = 0.001
-    while (n := store.add(key, 0)) < world:
-        if store.check([_FAILED]):
-            raise TransportError(f"{name}: {store.get(_FAILED).decode(errors='replace')} (phase set-up)")
-        if time.monotonic() > deadline:
-            raise TransportError(f"{name}: only {n} of {world} ranks arrived within {timeout} s (phase set-up)")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
+    while True:
+        if store.add(key, 0) >= world:
+            outcome = _decide(store, _GO)
+        elif store.check([_OUTCOME]):
+            outcome = store.get(_OUTCOME).decode(errors="replace")
+        elif time.monotonic() > deadline:
+            missing = [r for r in range(world) if not store.check([f"{key}/{r}"])]
+            outcome = _decide(store, f"rank(s) {missing} of {world} did not arrive within {timeout} s")
+        else:
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+            continue
+        if outcome == _GO:
+            return
+        raise GroupSetupFailed(f"{name}: {outcome} (phase set-up)")

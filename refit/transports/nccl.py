@@ -42,6 +42,7 @@ from refit.transports.base import ReceiverTransport, Sender
 from refit.transports.collective import (
     Backend,
     Communicator,
+    GroupSetupFailed,
     Handle,
     Rendezvous,
     StoreServer,
@@ -184,8 +185,10 @@ class NcclSender(Sender):
         if self._joining and self._store is not None and self._store.store is not None:
             try:
                 self._comm = connect(self._rendezvous(0), self._store.store, 0, self.device, host=self.host)
+            except GroupSetupFailed:  # the outcome is already in the store
+                raise
             except BaseException as exc:
-                mark_failed(self._store.store, self._group_id, f"the sender could not join: {exc}")
+                mark_failed(self._store.store, self._group_id, f"the sender (rank 0) could not join: {exc}")
                 raise
 
     def _go_word(self, push_id: int, what: str) -> Handle:
@@ -307,8 +310,10 @@ class NcclReceiver(ReceiverTransport):
         store = client_store(rdv.host, rdv.port, rdv.timeout)
         try:
             self._comm = connect(rdv, store, rdv.rank, device, host=self.host)
+        except GroupSetupFailed:  # the outcome is already in the store
+            raise
         except BaseException as exc:
-            mark_failed(store, rdv.group, f"{self.name} could not join: {exc}")
+            mark_failed(store, rdv.group, f"{self.name} (rank {rdv.rank}) could not join: {exc}")
             raise
         self._group_id, self._rank, self._in_group = rdv.group, rdv.rank, True
         self._go = _go_buffer(device)
