@@ -92,12 +92,16 @@ class _ScaleLayout:
     entries: list[PlanEntry]
     groups: list[tuple[int, int]]  # [start, end) of stacked blocks
     gathers: list[Gather]  # per group: reads its scales
-    holds_storages: bool  # the gathers keep the scales' memory allocated (else nothing is kept)
     masks: list[torch.Tensor | None]
     singles: list[int]  # scales validated one by one
     position: dict[str, tuple[int, int]]
     dtypes: list[torch.dtype]
     devices: list[torch.device]
+
+    @property
+    def holds_storages(self) -> bool:
+        """The gathers keep the scales' memory allocated (else nothing is kept)."""
+        return all(g.held is not None for g in self.gathers)
 
     def follow(self, values: list[Any]) -> bool:
         """Whether this layout reads ``values`` (the scales of a push with the same names).
@@ -122,7 +126,7 @@ class _ScaleLayout:
         if list(map(_DTYPE_OF, values)) != self.dtypes or list(map(_DEVICE_OF, values)) != self.devices:
             return False
         self.gathers = [Gather(values[s:e], where[0][s:e], hold=False) for s, e in self.groups]
-        self.where, self.holds_storages = where, False
+        self.where = where
         return True
 
 
@@ -269,4 +273,4 @@ class Collector:
         where = _where(values)
         gathers = [Gather(values[s:e], where[0][s:e]) for s, e in groups]
         dtypes, devices = list(map(_DTYPE_OF, values)), list(map(_DEVICE_OF, values))
-        return _ScaleLayout(names, where, entries, groups, gathers, True, masks, singles, position, dtypes, devices)
+        return _ScaleLayout(names, where, entries, groups, gathers, masks, singles, position, dtypes, devices)

@@ -18,15 +18,12 @@ same values, slower.
 
 from __future__ import annotations
 
-import ctypes
-import sys
-
 import torch
 
 from refit.meta import itemsize
+from refit.pack import host_memory
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # any dtype's bits, by size
-_HOST_MEMORY = ctypes.c_char * sys.maxsize  # a buffer type for any host address range (never read whole)
 _LOWEST = 1 << 16  # no tensor's memory starts below this (a null pointer plus an offset does)
 _IS_NEG = torch.Tensor.is_neg
 
@@ -42,7 +39,7 @@ def _window(address: int, nbytes: int, device: torch.device) -> torch.Tensor | N
     """``nbytes`` of memory at ``address`` on ``device`` as a uint8 tensor, without copying."""
     try:
         if device.type == "cpu":
-            return torch.frombuffer(_HOST_MEMORY.from_address(address), dtype=torch.uint8, count=nbytes)
+            return torch.frombuffer(host_memory(address, nbytes), dtype=torch.uint8)
         if device.type == "cuda":
             window = torch.as_tensor(_DeviceRange(address, nbytes))
             return window if window.device == device else None

@@ -10,6 +10,7 @@ bandwidth than the multi-tensor kernel does for big contiguous blocks.
 from __future__ import annotations
 
 import ctypes
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -52,6 +53,17 @@ class Lazy:
         return out
 
 
+_HOST_MEMORY = ctypes.c_char * sys.maxsize  # one buffer type for any host address range (never read whole)
+
+
+def host_memory(address: int, nbytes: int, owner: object = None) -> memoryview:
+    """``nbytes`` of host memory at ``address`` as a writable memoryview, without copying or
+    reading it; ``owner`` is kept alive for as long as the view (or a slice of it) is."""
+    arr = _HOST_MEMORY.from_address(address)
+    arr._refit_owner = owner  # type: ignore[attr-defined]
+    return memoryview(arr).cast("B")[:nbytes]
+
+
 def host_bytes(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor as a writable memoryview: no copy, no numpy.
 
@@ -60,11 +72,7 @@ def host_bytes(t: torch.Tensor) -> memoryview:
     if t.device.type != "cpu" or not t.is_contiguous():
         raise PlanError(f"host_bytes needs a contiguous CPU tensor, got {t.device} contiguous={t.is_contiguous()}")
     n = t.numel() * t.element_size()
-    if n == 0:
-        return memoryview(bytearray())
-    arr = (ctypes.c_char * n).from_address(t.data_ptr())
-    arr._refit_owner = t  # type: ignore[attr-defined]  # the view keeps the tensor alive (ZMQ may hold it after we drop ours)
-    return memoryview(arr).cast("B")
+    return host_memory(t.data_ptr(), n, owner=t) if n else memoryview(bytearray())
 
 
 def raw(t: torch.Tensor) -> torch.Tensor:

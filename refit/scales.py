@@ -43,15 +43,14 @@ def value_problem(name: str, value: torch.Tensor) -> str:
 
 
 def run_problems(names: Sequence[str], values: torch.Tensor, amax: torch.Tensor | None) -> list[str]:
-    """Problems of a 1-D tensor of 0-d scale values (``amax``: bool mask of amax entries, or None).
+    """Problems of a 1-D tensor of 0-d scale values (``amax``: bool mask of amax entries on the
+    values' device, or None).
 
     One reduction in the common case; per-name messages only when something is wrong.
     """
     if not values.dtype.is_floating_point or values.numel() == 0:
         return []
     v = values.float()
-    if amax is not None and amax.device != v.device:
-        amax = amax.to(v.device)
     ok = torch.isfinite(v) & ((v > 0) | ((v == 0) & amax) if amax is not None else (v > 0))
     if bool(ok.all()):
         return []
