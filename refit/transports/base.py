@@ -53,8 +53,7 @@ class Sender(ABC):
 
     def stage(self, manifest: Manifest) -> None:
         """A push of ``manifest`` begins: make ``buffers`` ready to be packed (before the
-        handshake) and forget the previous push's buffers in flight (it has finished or been
-        aborted)."""
+        handshake)."""
 
     @abstractmethod
     def handshake(self, manifest: Manifest, version: int) -> None:

@@ -49,6 +49,11 @@ def _ms(timeout: float | None) -> int:
     return -1 if timeout is None else max(0, int(timeout * 1000))
 
 
+def _deadline(timeout: float | None) -> float | None:
+    """The ``time.monotonic()`` at which ``timeout`` seconds from now have passed (None: never)."""
+    return None if timeout is None else time.monotonic() + timeout
+
+
 class Peer:
     """Control connection from the sender to one receiver (a DEALER socket)."""
 
@@ -238,7 +243,7 @@ class ControlServer:
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.address = self._bind(address)
         self._peer: bytes | None = None  # identity of the sender of the push in progress
-        self._busy = False  # a push is in progress
+        self._busy = False  # a push is in progress (set inside guard())
         self._pending: tuple[Message, Frames] | None = None  # a Hello that arrived during a push
 
     def _bind(self, address: str) -> str:
@@ -259,8 +264,9 @@ class ControlServer:
             with contextlib.suppress(zmq.ZMQError):
                 self.sock.send_multipart([self._peer, encode(msg)], flags=zmq.NOBLOCK)
 
-    def _next(self, timeout: float | None) -> tuple[Message, Frames] | None:
-        """Next message of the current sender and its extra frames, or None after ``timeout``.
+    def _next(self, deadline: float | None) -> tuple[Message, Frames] | None:
+        """Next message of the current sender and its extra frames, or None once ``deadline``
+        (``time.monotonic()``; None: never) has passed.
 
         While a push is in progress, other senders are told this receiver is busy. Garbage
         raises WireError after its sender was told why (with its push id when readable).
@@ -268,7 +274,6 @@ class ControlServer:
         if self._pending is not None:
             got, self._pending = self._pending, None
             return got
-        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not self.sock.poll(_ms(left)):
@@ -337,9 +342,10 @@ class ControlServer:
         timeout: float | None,
         on_hello: Callable[[Hello], None] | None = None,
         *,
-        push_timeout: float | None = None,
+        push_timeout: float | None,
     ) -> Hello | None:
-        """Wait up to ``timeout`` for a push and answer its handshake.
+        """Wait up to ``timeout`` for a push and answer its handshake (waiting up to
+        ``push_timeout`` for any further message of it).
 
         ``on_hello(hello)`` runs first (transport set-up from ``hello.extra``). Messages of no
         push (a late Abort of an earlier one) are skipped. Returns the accepted Hello, or None
@@ -348,17 +354,14 @@ class ControlServer:
         Raises:
             ResolveError: the push was refused (the sender was told; nothing is loaded).
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline(timeout)
         while True:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            got = self._next(left)
+            got = self._next(deadline)
             if got is None:
                 return None
             msg = got[0]
             if isinstance(msg, Hello):
-                hello = self._accept(loader, msg, timeout if push_timeout is None else push_timeout, on_hello)
-                self._busy = True
-                return hello
+                return self._accept(loader, msg, push_timeout, on_hello)
             if not isinstance(msg, Abort):
                 self.reply(Abort(msg.push_id, f"{self.name}: no push in progress"))
 
@@ -373,21 +376,23 @@ class ControlServer:
     @contextlib.contextmanager
     def guard(self, loader: Loader, hello: Hello) -> Iterator[None]:
         """On any failure inside: abandon the push (torn if applied) and tell the sender."""
+        self._busy = True
         try:
             yield
         except BaseException as exc:
-            self._busy = False
             loader.abort(str(exc))
             if not isinstance(exc, _SenderAborted):
                 text = str(exc) if str(exc).startswith(self.name) else f"{self.name}: {exc}"
                 self.reply(Abort(hello.push_id, text[:1000]))
             raise
+        finally:
+            self._busy = False
 
     def _in_push(self, loader: Loader, hello: Hello, timeout: float | None, phase: str) -> tuple[Message, Frames, Hello]:
         """Next message of the push in progress; stale ones are skipped, a sender's Abort or
         silence raises TransportError."""
         while True:
-            got = self._next(timeout)
+            got = self._next(_deadline(timeout))
             if got is None:
                 raise TransportError(f"{self.name}: sender went silent for {timeout} s (phase {phase})")
             msg, frames = got
@@ -400,7 +405,6 @@ class ControlServer:
                 raise TransportError(f"{self.name}: a new push began during phase {phase}; the previous one is abandoned")
 
     def _commit(self, loader: Loader, hello: Hello) -> RefitReport:
-        self._busy = False
         report = loader.finish()
         self.reply(Done(hello.push_id, report))
         return report
@@ -416,7 +420,7 @@ class ControlServer:
         manifest = hello.manifest or loader.knows(hello.digest)
         if manifest is None:
             self.reply(Verdict(hello.push_id, False, True, (), self.name))
-            got = self._next(timeout)
+            got = self._next(_deadline(timeout))
             if got is None or not isinstance(got[0], Hello) or got[0].manifest is None:
                 raise TransportError(f"{self.name}: sender did not send the manifest it was asked for (phase handshake)")
             hello = got[0]

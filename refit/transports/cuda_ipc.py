@@ -276,7 +276,6 @@ class CudaIpcReceiver(ReceiverTransport):
         name: str = "receiver",
         device: str | torch.device = "auto",
         events: int = 4,
-        timeout: float | None = None,
     ) -> None:
         self.device = _device(device)
         self.place = _place(self.device)

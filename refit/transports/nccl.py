@@ -59,6 +59,18 @@ from refit.wire import Hello
 _GO_WORDS = 2  # int64 [push_id, go]
 
 
+def _join_group(rdv: Rendezvous, store: torch.distributed.Store, rank: int, device: torch.device, host: str | None, who: str) -> Communicator:
+    """:func:`connect`; a failure here (not the barrier's verdict, already in the store) is
+    written to the store, so the ranks waiting for this one stop at once."""
+    try:
+        return connect(rdv, store, rank, device, host=host)
+    except GroupSetupFailed:
+        raise
+    except BaseException as exc:
+        mark_failed(store, rdv.group, f"{who} (rank {rank}) could not join: {exc}")
+        raise
+
+
 class _NoGo(TransportError):
     """The sender called the push off after the handshake (another receiver refused); the
     group is intact and stays."""
@@ -183,13 +195,7 @@ class NcclSender(Sender):
     def _join(self) -> None:
         """After every Hello is out: the sender joins a new group as rank 0 (blocks for all)."""
         if self._joining and self._store is not None and self._store.store is not None:
-            try:
-                self._comm = connect(self._rendezvous(0), self._store.store, 0, self.device, host=self.host)
-            except GroupSetupFailed:  # the outcome is already in the store
-                raise
-            except BaseException as exc:
-                mark_failed(self._store.store, self._group_id, f"the sender (rank 0) could not join: {exc}")
-                raise
+            self._comm = _join_group(self._rendezvous(0), self._store.store, 0, self.device, self.host, "the sender")
 
     def _go_word(self, push_id: int, what: str) -> Handle:
         if self._comm is None:
@@ -274,7 +280,6 @@ class NcclReceiver(ReceiverTransport):
         name: str = "receiver",
         device: str | torch.device | None = None,
         host: str | None = None,
-        timeout: float | None = None,
     ) -> None:
         self.server = ControlServer(address, name=name)
         self.name, self.host = name, host
@@ -308,13 +313,7 @@ class NcclReceiver(ReceiverTransport):
             raise TransportError(f"{self.name} is not a member of group {rdv.group} (it failed or restarted); the next push builds a new group")
         device = self._device_for(rdv.backend)
         store = client_store(rdv.host, rdv.port, rdv.timeout)
-        try:
-            self._comm = connect(rdv, store, rdv.rank, device, host=self.host)
-        except GroupSetupFailed:  # the outcome is already in the store
-            raise
-        except BaseException as exc:
-            mark_failed(store, rdv.group, f"{self.name} (rank {rdv.rank}) could not join: {exc}")
-            raise
+        self._comm = _join_group(rdv, store, rdv.rank, device, self.host, self.name)
         self._group_id, self._rank, self._in_group = rdv.group, rdv.rank, True
         self._go = _go_buffer(device)
 
