@@ -61,9 +61,13 @@ class PackOnly(Sender):
         pass
 
 
+def median(times: list[float]) -> float:
+    return sorted(times)[len(times) // 2]
+
+
 def best(fn, repeat: int, device: torch.device) -> float:  # type: ignore[no-untyped-def]
     """Median seconds of ``repeat`` runs after a warm-up (median: this box is noisy)."""
-    return sorted(timings(fn, repeat, device))[repeat // 2]
+    return median(timings(fn, repeat, device))
 
 
 def main() -> None:
@@ -95,7 +99,7 @@ def main() -> None:
             sync(dev)
             if i:
                 times[kind].append(time.perf_counter() - t0)
-    s_without, s_with, s_new = (sorted(times[kind])[args.repeat // 2] for kind in kinds)
+    s_without, s_with, s_new = (median(times[kind]) for kind in kinds)
     snd = senders["in_place"]
 
     # receiver side, on the bucket the sender packed: unpack + validate every scale

@@ -27,8 +27,7 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
     for k in sorted(tensors):
         v = tensors[k].detach().cpu().contiguous()
         h.update(f"{k}:{v.dtype}:{tuple(v.shape)}".encode())
-        if v.numel():
-            h.update(host_bytes(v.reshape(-1).view(torch.uint8)))
+        h.update(host_bytes(v))
     return h.hexdigest()
 
 

@@ -10,7 +10,6 @@ queue; every join has a timeout and leftovers are killed in ``finally``.
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing as mp
 import os
 import queue
@@ -21,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 
+from refit.demo import digest
 from refit.errors import RefitError, TransportError, WireError
 from refit.transports.collective import Backend, Rendezvous, choose_backend
 from tests.conftest import every_dtype_state, random_tensor
@@ -54,17 +54,6 @@ def make_state(kind: str, seed: int) -> tuple[dict[str, torch.Tensor], dict[str,
     else:
         raise ValueError(kind)
     return state, scales
-
-
-def digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 def expected_target(kind: str, seed: int | None, missing: tuple[str, ...] = (), not_pushed: tuple[str, ...] = ()) -> str:

@@ -144,11 +144,9 @@ def test_scale_changing_rank_in_place_is_checked_again() -> None:
         r.push({}, scales)
 
 
-def test_new_scale_tensors_every_push_are_followed() -> None:
-    """Scales computed anew every push (``amax / 448``): same names, dtypes, devices and ranks
-    in other memory. The layout is kept and aimed at them; every push carries its own values."""
-    base = many_scales(200)
-    target = {k: torch.zeros_like(v) for k, v in base.items()}
+def check_new_tensors_are_followed(base: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Push ``base``, then new tensors of the same names every push: the layout is kept and
+    aimed at them, every push carries its own values. Returns the last push's scales."""
     r = Refitter("local", target=target)
     r.push({}, base)
     layout = r._collect._layout
@@ -161,18 +159,22 @@ def test_new_scale_tensors_every_push_are_followed() -> None:
         v.add_(1)
     r.push({}, scales)
     assert r._collect._layout is layout and all(same_bits(target[k], v) for k, v in scales.items())
+    r.close()
+    return scales
 
 
-def with_vector(scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``scales`` plus a per-channel (rank-1) scale, which is checked on its own."""
-    return {**scales, "l0.channel_scale": torch.full((4,), 0.5)}
+def test_new_scale_tensors_every_push_are_followed() -> None:
+    """Scales computed anew every push (``amax / 448``): same names, dtypes, devices and ranks
+    in other memory."""
+    base = many_scales(200)
+    check_new_tensors_are_followed(base, {k: torch.zeros_like(v) for k, v in base.items()})
 
 
 @pytest.mark.parametrize("memory", ["same", "new"])
 def test_scales_that_change_are_checked_again(memory: str) -> None:
     """Whether the scales sit where they did or are new tensors, a change of dtype (in place
     too), rank, shape, type or device, or a bad value, is caught by the full checks."""
-    base = with_vector(many_scales(60))
+    base = {**many_scales(60), "l0.channel_scale": torch.full((4,), 0.5)}  # a rank-1 scale is checked on its own
     name = "l3.weight_scale"  # in a run of 0-d float32 scales
     cases: list[tuple[Any, type[Exception], str]] = [
         (lambda t: t.to(torch.float64), ResolveError, f"{name}: dtype torch.float64 does not match target torch.float32"),

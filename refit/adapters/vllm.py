@@ -175,7 +175,7 @@ class RefitWorkerExtension:
                 out[name] = {
                     "dtype": str(t.dtype).removeprefix("torch."),
                     "shape": list(t.shape),
-                    "data": bytes(host_bytes(t.reshape(-1).view(torch.uint8))),
+                    "data": bytes(host_bytes(t)),
                 }
             else:
                 out[name] = {"value": value}
@@ -244,8 +244,11 @@ class VllmEngine:
     def rpc(self, method: str, *args: Any, timeout: float | None = None) -> list[dict[str, Any]]:
         """``collective_rpc`` one extension method; raise the workers' errors as refit errors."""
         with self._lock:
-            replies = self.llm.collective_rpc(method, timeout=timeout or self.rpc_timeout, args=args)
+            replies = self._collective(method, args, timeout or self.rpc_timeout)
         return raise_errors(list(replies))
+
+    def _collective(self, method: str, args: tuple[Any, ...], limit: float | None) -> Any:
+        return self.llm.collective_rpc(method, timeout=limit, args=args)
 
     def open(self, transport: str, options: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Make every worker join ``transport``; returns each worker's ``info()``."""
@@ -310,14 +313,11 @@ class AsyncVllmEngine(VllmEngine):
         super().__init__(engine, rpc_timeout=rpc_timeout)
         self.loop = loop
 
-    def rpc(self, method: str, *args: Any, timeout: float | None = None) -> list[dict[str, Any]]:
+    def _collective(self, method: str, args: tuple[Any, ...], limit: float | None) -> Any:
         if _running_loop() is self.loop:
             raise RefitError("AsyncVllmEngine: push from another thread (asyncio.to_thread), not from the engine's event loop")
-        limit = timeout or self.rpc_timeout
-        with self._lock:
-            future = asyncio.run_coroutine_threadsafe(self.llm.collective_rpc(method, timeout=limit, args=args), self.loop)
-            replies = future.result(None if limit is None else limit + 30)
-        return raise_errors(list(replies))
+        future = asyncio.run_coroutine_threadsafe(self.llm.collective_rpc(method, timeout=limit, args=args), self.loop)
+        return future.result(None if limit is None else limit + 30)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -73,11 +73,15 @@ def hf_greedy(model: Any, prompts: list[list[int]] = PROMPTS, n: int = NEW_TOKEN
     return out
 
 
-def vllm_greedy(llm: Any, prompts: list[list[int]] = PROMPTS, n: int = NEW_TOKENS) -> list[list[int]]:
+def greedy_params(n: int = NEW_TOKENS) -> Any:
+    """Sampling parameters of the greedy comparisons: ``n`` new tokens, no detokenizer."""
     from vllm import SamplingParams
 
-    params = SamplingParams(temperature=0, max_tokens=n, detokenize=False, ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return SamplingParams(temperature=0, max_tokens=n, detokenize=False, ignore_eos=True)
+
+
+def vllm_greedy(llm: Any, prompts: list[list[int]] = PROMPTS, n: int = NEW_TOKENS) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy_params(n), use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
@@ -91,12 +95,28 @@ def offline_env(log_level: str | None = None) -> None:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", log_level)
 
 
+def engine_kwargs(model_dir: str, dtype: str = "float32") -> dict[str, Any]:
+    """Engine arguments of the tests' tiny engines (``LLM`` or ``AsyncEngineArgs``): dummy
+    weights, no tokenizer, eager, a short context, refit's worker extension."""
+    from refit.adapters.vllm import EXTENSION
+
+    return {
+        "model": model_dir,
+        "load_format": "dummy",
+        "skip_tokenizer_init": True,
+        "enforce_eager": True,
+        "dtype": dtype,
+        "max_model_len": 128,
+        "max_num_seqs": 4,
+        "seed": 0,
+        "worker_extension_cls": EXTENSION,
+    }
+
+
 def start_engine(model_dir: str, *, tp: int = 1, pp: int = 1, dtype: str = "float32") -> Any:
     """A ``vllm.LLM`` on CPU with refit's worker extension and dummy weights."""
     offline_env()
     from vllm import LLM
-
-    from refit.adapters.vllm import EXTENSION
 
     workers = tp * pp
     if workers > 1:
@@ -106,20 +126,7 @@ def start_engine(model_dir: str, *, tp: int = 1, pp: int = 1, dtype: str = "floa
     kwargs: dict[str, Any] = {}
     if workers > 1:
         kwargs["distributed_executor_backend"] = "mp"
-    llm = LLM(
-        model=model_dir,
-        load_format="dummy",
-        skip_tokenizer_init=True,
-        enforce_eager=True,
-        dtype=dtype,  # type: ignore[arg-type]
-        max_model_len=128,
-        max_num_seqs=4,
-        seed=0,
-        tensor_parallel_size=tp,
-        pipeline_parallel_size=pp,
-        worker_extension_cls=EXTENSION,
-        **kwargs,
-    )
+    llm = LLM(**engine_kwargs(model_dir, dtype), tensor_parallel_size=tp, pipeline_parallel_size=pp, **kwargs)
     if pp > 1:
         from refit.adapters.vllm import raise_errors
 

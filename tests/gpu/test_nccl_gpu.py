@@ -22,10 +22,11 @@ from typing import Any
 import pytest
 import torch
 
+from refit.demo import digest
 from refit.errors import TransportError
 from refit.transports.collective import Backend, Rendezvous, StoreServer, choose_backend, connect, cupy_nccl, new_group_id
 from tests.procs import zeros_like
-from tests.test_nccl_gloo import digest, expected_target, make_state
+from tests.test_nccl_gloo import expected_target, make_state
 
 pytestmark = [
     pytest.mark.gpu,

@@ -10,6 +10,7 @@ from refit import Lazy, Refitter
 from tests.conftest import every_dtype_state, random_tensor, same_bits
 from tests.test_gather import check_reads_current_values, scattered
 from tests.test_plan_pack import roundtrip
+from tests.test_scales import check_new_tensors_are_followed
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -123,15 +124,7 @@ def test_cuda_scales_are_read_through_one_window(dtype: torch.dtype, gen: torch.
     assert g.windowed and g._window is not None and g._window.is_cuda
 
 
-def test_new_cuda_scale_tensors_every_push(gen: torch.Generator) -> None:
+def test_new_cuda_scale_tensors_every_push() -> None:
     """Scales made anew every push on the GPU: the layout follows them, values bit-exact."""
     base = {f"l{i}.weight_scale": torch.rand((), device="cuda") + 0.5 for i in range(300)}
-    target = {k: torch.zeros((), device="cuda") for k in base}
-    with Refitter("local", target=target) as r:
-        r.push({}, base)
-        layout = r._collect._layout
-        for step in range(3):
-            scales = {k: v * (step + 2) for k, v in base.items()}
-            r.push({}, scales)
-            assert r._collect._layout is layout
-            assert all(same_bits(target[k], v) for k, v in scales.items()), step
+    check_new_tensors_are_followed(base, {k: torch.zeros((), device="cuda") for k in base})

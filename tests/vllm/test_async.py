@@ -14,33 +14,18 @@ pytest.importorskip("zmq")
 pytestmark = pytest.mark.integration
 
 from refit import Refitter  # noqa: E402
-from refit.adapters.vllm_tiny import NEW_TOKENS, PROMPTS, hf_greedy, hf_state, write_config  # noqa: E402
+from refit.adapters.vllm_tiny import PROMPTS, engine_kwargs, greedy_params, hf_greedy, hf_state, write_config  # noqa: E402
 
 
 async def _start(model_dir: str):  # type: ignore[no-untyped-def]
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from refit.adapters.vllm import EXTENSION
-
-    args = AsyncEngineArgs(
-        model=model_dir,
-        load_format="dummy",
-        skip_tokenizer_init=True,
-        enforce_eager=True,
-        dtype="float32",
-        max_model_len=128,
-        max_num_seqs=4,
-        seed=0,
-        worker_extension_cls=EXTENSION,
-    )
-    return AsyncLLM.from_engine_args(args)
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model_dir)))
 
 
 async def _greedy(engine) -> list[list[int]]:  # type: ignore[no-untyped-def]
-    from vllm import SamplingParams
-
-    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, detokenize=False, ignore_eos=True)
+    params = greedy_params()
     out = []
     for p in PROMPTS:
         final = None
