@@ -250,6 +250,20 @@ class Communicator(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
+    def _check_buffer(self, buf: torch.Tensor, what: str) -> None:
+        """Every backend moves *bytes*: a typed buffer would be broadcast as ``numel`` bytes by
+        NCCL (its count is in elements of the datatype named, uint8 here) but as ``numel``
+        elements by gloo, so the two backends would disagree silently. Refuse it instead.
+
+        Raises:
+            TransportError: ``buf`` is not a contiguous 1-D ``uint8`` tensor.
+        """
+        if buf.dtype != torch.uint8 or buf.dim() != 1 or not buf.is_contiguous():
+            raise TransportError(
+                f"{self.name}: broadcast of {what} needs a contiguous 1-D uint8 buffer, got {buf.dtype} of shape {tuple(buf.shape)}; "
+                "pass t.view(torch.uint8) of a contiguous tensor"
+            )
+
     def __enter__(self) -> Communicator:
         return self
 
@@ -345,6 +359,7 @@ class GlooCommunicator(Communicator):
     def broadcast(self, buf: torch.Tensor, what: str) -> Handle:
         if self.pg is None:
             raise TransportError(f"{self.name} is closed (phase {what})")
+        self._check_buffer(buf, what)
         try:
             return _GlooHandle(self.pg.broadcast([buf], self._opts), self, what)
         except Exception as exc:
@@ -424,6 +439,7 @@ class NcclCommunicator(Communicator):
 
     def broadcast(self, buf: torch.Tensor, what: str) -> Handle:
         self.raise_if_failed(what)
+        self._check_buffer(buf, what)
         if buf.device != self.device:
             raise TransportError(f"{self.name}: buffer of {what} is on {buf.device}, the communicator on {self.device}")
         ready = torch.cuda.Event()

@@ -81,7 +81,8 @@ def _default_device() -> torch.device:
 
 
 def _go_buffer(device: torch.device) -> torch.Tensor:
-    return torch.zeros(_GO_WORDS, dtype=torch.int64, device=device)
+    """The go word, as the raw bytes every broadcast moves (read it with ``.view(torch.int64)``)."""
+    return torch.zeros(_GO_WORDS, dtype=torch.int64, device=device).view(torch.uint8)
 
 
 class NcclSender(Sender):
@@ -200,7 +201,7 @@ class NcclSender(Sender):
     def _go_word(self, push_id: int, what: str) -> Handle:
         if self._comm is None:
             raise TransportError(f"nccl transport ({self.backend}): no group (phase {what})")
-        self._go.copy_(torch.tensor([push_id, 1 if push_id else 0], dtype=torch.int64))
+        self._go.view(torch.int64).copy_(torch.tensor([push_id, 1 if push_id else 0], dtype=torch.int64))
         return self._comm.broadcast(self._go, what)
 
     # -- stream
@@ -361,7 +362,7 @@ class NcclReceiver(ReceiverTransport):
         if comm is None or go is None or manifest is None:
             raise TransportError(f"{self.name}: no group or manifest after the handshake (phase buckets)")
         comm.broadcast(go, "go word").wait()
-        push_id, ok = (int(x) for x in go.tolist())
+        push_id, ok = (int(x) for x in go.view(torch.int64).tolist())
         if not ok:
             raise _NoGo(f"{self.name}: the sender abandoned the push before any bucket was sent (another receiver refused)")
         if push_id != hello.push_id:
