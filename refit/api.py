@@ -80,6 +80,11 @@ class Refitter:
         self._last: tuple[list[PlanEntry], Manifest] | None = None
         self._collect = Collector()
 
+    @property
+    def manifest(self) -> Manifest | None:
+        """The layout of the last push (bucket sizes, offsets), or None before the first."""
+        return self._last[1] if self._last is not None else None
+
     def plan(self, entries: list[PlanEntry]) -> Manifest:
         """The manifest for ``entries``; reused while names, shapes and dtypes do not change."""
         if self._last is not None and (self._last[0] is entries or self._last[0] == entries):

@@ -2,7 +2,9 @@
 
 Each transport is measured beside the raw ceiling of its data path, in the same run:
 ``local`` against one large ``copy_`` of the same bytes on the same device; ``zmq`` against
-raw pyzmq zero-copy sends of the same bytes in the same bucket sizes to a receiving process.
+raw pyzmq zero-copy sends of the same bytes in the same bucket sizes to a receiving process;
+``nccl`` against the raw broadcast of the same bytes in the same buckets to a receiver process
+(NCCL to the next GPU, or gloo on the CPU).
 """
 
 from __future__ import annotations
@@ -195,7 +197,18 @@ def bench_zmq_state(
     return _row("zmq", label, device, nbytes, len(both), seconds, ceiling, "raw pyzmq zero-copy")
 
 
-BENCHES = {"local": bench_local, "zmq": bench_zmq}
+def bench_nccl(shape_name: str, device: torch.device, bucket_bytes: int, num_buffers: int, repeat: int) -> Row:
+    """A push to one receiver process (the next GPU with NCCL; gloo on the CPU) beside the raw
+    broadcast of the same bytes in the same buckets (``refit.bench_broadcast`` sweeps more)."""
+    from refit.bench_broadcast import sweep
+
+    out = sweep(get_shape(shape_name), [(bucket_bytes, num_buffers)], device=str(device), reps=repeat, baselines=False)
+    push, raw = out["rows"]
+    c = out["config"]
+    return _row(f"nccl/{c['backend']}", shape_name, device, c["bytes"], c["tensors"], push["best_s"], raw["best_s"], "raw broadcast, same buckets")
+
+
+BENCHES = {"local": bench_local, "zmq": bench_zmq, "nccl": bench_nccl}
 
 
 def run(transport: str, shape: str, device: str, bucket_bytes: int, num_buffers: int, repeat: int) -> Row:

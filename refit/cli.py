@@ -46,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo)
 
     b = sub.add_parser("bench", help="measure a push of a synthetic model-shaped state against its ceiling")
-    b.add_argument("--transport", action="append", choices=["local", "zmq"], help="repeatable; default local")
+    b.add_argument("--transport", action="append", choices=["local", "zmq", "nccl"], help="repeatable; default local")
     b.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
     b.add_argument("--device", default="cpu", help="cpu or cuda")
     b.add_argument("--bucket-bytes", type=int, default=DEFAULT_BUCKET_BYTES)

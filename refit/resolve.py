@@ -86,9 +86,23 @@ class TensorsResolver:
     Args:
         target: the module or ``dict[str, Tensor]`` to load into.
         post_load: optional hook run after the last bucket of each push.
+        remote: for one stage of a pipeline: ``remote(name)`` is True for the names another
+            stage owns. Such a name, when not a target here, is consumed and not loaded
+            (``remote`` in reports); any other unknown name refuses the push. The owning stage
+            checks the name, shape and dtype, and one refusal stops the push everywhere.
+
+    Example:
+        >>> stage = {"layers.1.w": torch.zeros(2)}  # this stage owns layer 1
+        >>> r = TensorsResolver(stage, remote=lambda n: n.startswith("layers.0."))
     """
 
-    def __init__(self, target: torch.nn.Module | Mapping[str, torch.Tensor], post_load: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        target: torch.nn.Module | Mapping[str, torch.Tensor],
+        post_load: Callable[[], None] | None = None,
+        *,
+        remote: Callable[[str], bool] | None = None,
+    ):
         if isinstance(target, torch.nn.Module):
             tensors: dict[str, torch.Tensor] = {}
             for n, p in target.named_parameters(remove_duplicate=False):
@@ -105,9 +119,12 @@ class TensorsResolver:
             raise ResolveError(f"target must be a torch.nn.Module or a dict of tensors, got {type(target).__name__}")
         self.tensors = tensors
         self._post_load = post_load
+        self._remote = remote
 
     def resolve(self, meta: TensorMeta) -> Resolution:
         dest = self.tensors.get(meta.name)
+        if dest is None and self._remote is not None and self._remote(meta.name):
+            return Resolution(Placement.REMOTE, key=meta.name)
         if dest is None:
             return Resolution(Placement.UNKNOWN, key=meta.name, problem=f"{meta.name}: no such parameter or buffer{suggest(meta.name, self.tensors)}")
         # (a chunked tensor's need for a contiguous target is the Loader's check, for every resolver)

@@ -323,3 +323,20 @@ def test_refused_after_packing_bucket_zero_sends_nothing_and_aborts_nothing() ->
         Refitter(sender, bucket_bytes=1024).push({"w": torch.ones(256), "nope": torch.ones(256)})
     assert sender.calls == ["stage", "handshake"]
     assert not sender.loader.torn and float(target["w"].abs().sum()) == 0.0
+
+
+def test_pipeline_stage_loads_its_tensors_and_consumes_the_other_stages() -> None:
+    """A plain torch pipeline stage: its own names load, the other stage's are remote, and a
+    name neither stage owns refuses the push with nothing loaded."""
+    full = {f"layers.{i}.w": torch.full((4,), float(i + 1)) for i in range(4)}
+    stages = [{k: torch.zeros(4) for k in list(full)[:2]}, {k: torch.zeros(4) for k in list(full)[2:]}]
+    for mine, other in ((stages[0], stages[1]), (stages[1], stages[0])):
+        resolver = TensorsResolver(mine, remote=other.__contains__)
+        with Refitter("local", target=resolver) as r:
+            report = r.push(full).receivers[0]
+            assert (report.loaded, report.remote) == (2, 2)
+            assert all(torch.equal(mine[k], full[k]) for k in mine)
+            before = {k: v.clone() for k, v in mine.items()}
+            with pytest.raises(ResolveError, match="layers.9.w: no such parameter"):
+                r.push({**{k: v + 1 for k, v in full.items()}, "layers.9.w": torch.ones(4)})
+            assert all(torch.equal(mine[k], before[k]) for k in mine)

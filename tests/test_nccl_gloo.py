@@ -87,20 +87,28 @@ def default_group_ok() -> bool:
     return bool((t == 1).all())
 
 
+def resources(device: str) -> tuple[int, int, int]:
+    """Open file descriptors, RSS bytes, and CUDA memory reserved by torch (0 on the CPU)."""
+    reserved = torch.cuda.memory_reserved(device) if device.startswith("cuda") else 0
+    return open_fds(), rss_bytes(), reserved
+
+
 # ---------------------------------------------------------------- workers (module level: spawn)
 
 
 def receiver_worker(cfg: dict[str, Any], q: Any) -> None:
     from refit.receiver import RefitReceiver
 
-    name = cfg["name"]
+    name, device = cfg["name"], cfg.get("device", "cpu")
     try:
         torch.set_num_threads(1)
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
         if cfg.get("default_pg"):
             init_default_group(cfg["default_pg"])
         state, scales = make_state(cfg["kind"], 0)
-        target = {k: zeros_like(v) for k, v in {**state, **scales}.items() if k not in cfg.get("missing", ())}
-        rx = RefitReceiver(target, "nccl", name=name, device="cpu")
+        target = {k: zeros_like(v).to(device) for k, v in {**state, **scales}.items() if k not in cfg.get("missing", ())}
+        rx = RefitReceiver(target, "nccl", name=name, device=device)
         die_after = cfg.get("die_after")
         if die_after is not None:  # simulate a crash after applying bucket `die_after`
             apply = rx.loader.apply
@@ -125,17 +133,17 @@ def receiver_worker(cfg: dict[str, Any], q: Any) -> None:
             nccl_module.connect = connect_failing_once  # type: ignore[assignment]
         q.put(("info", name, rx.info()))
         results: list[tuple[Any, ...]] = []
-        marks: dict[str, tuple[int, int]] = {}
+        marks: dict[str, tuple[int, int, int]] = {}
         for i in range(cfg["pushes"]):
             t0 = time.monotonic()
             try:
                 report = rx.receive(timeout=cfg.get("wait", 60.0))
                 results.append(("ok", report.version, report.loaded, digest(target), rx.torn))
             except RefitError as exc:
-                results.append((error_kind(exc), str(exc)[:2000], digest(target), rx.torn, time.monotonic() - t0))
+                results.append((error_kind(exc), str(exc)[:2000], digest(target), rx.torn, time.monotonic() - t0, rx.version))
             if i == cfg.get("mark_at", -1):
-                marks["start"] = (open_fds(), rss_bytes())
-        marks["end"] = (open_fds(), rss_bytes())
+                marks["start"] = resources(device)
+        marks["end"] = resources(device)
         pg_ok = default_group_ok() if cfg.get("default_pg") else None
         rx.close()
         q.put(("done", name, {"results": results, "marks": marks, "default_pg": pg_ok}))
@@ -150,12 +158,25 @@ def sender_worker(cfg: dict[str, Any], addresses: list[str], q: Any) -> None:
         torch.set_num_threads(1)
         if cfg.get("default_pg"):
             init_default_group(cfg["default_pg"])
+        device = cfg.get("device", "cpu")
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
         results: list[tuple[Any, ...]] = []
-        marks: dict[str, tuple[int, int]] = {}
-        with Refitter("nccl", peers=addresses, backend="gloo", bucket_bytes=BUCKET, timeout=cfg["timeout"]) as r:
+        marks: dict[str, tuple[int, int, int]] = {}
+        push = [0]
+        die_at = cfg.get("die_at")  # (push, bucket): simulate a crash of the sender mid-stream
+
+        def progress(done: int, total: int) -> None:
+            if die_at is not None and (push[0], done) == tuple(die_at):
+                os._exit(3)
+
+        backend = cfg.get("backend", "gloo")
+        with Refitter("nccl", peers=addresses, backend=backend, device=device, bucket_bytes=BUCKET, timeout=cfg["timeout"], progress=progress) as r:
             for i, (kind, seed, drop) in enumerate(cfg["pushes"]):
+                push[0] = i
                 state, scales = make_state(kind, seed)
-                state = {k: v for k, v in state.items() if k not in drop}
+                state = {k: v.to(device) for k, v in state.items() if k not in drop}
+                scales = {k: v.to(device) for k, v in scales.items()}
                 t0 = time.monotonic()
                 try:
                     report = r.push(state, scales)
@@ -163,8 +184,8 @@ def sender_worker(cfg: dict[str, Any], addresses: list[str], q: Any) -> None:
                 except RefitError as exc:
                     results.append((error_kind(exc), str(exc)[:2000], time.monotonic() - t0))
                 if i == cfg.get("mark_at", -1):
-                    marks["start"] = (open_fds(), rss_bytes())
-            marks["end"] = (open_fds(), rss_bytes())
+                    marks["start"] = resources(device)
+            marks["end"] = resources(device)
         pg_ok = default_group_ok() if cfg.get("default_pg") else None
         q.put(("done", "sender", {"results": results, "marks": marks, "default_pg": pg_ok}))
     except BaseException:
@@ -193,7 +214,9 @@ def run_world(receivers: list[dict[str, Any]], sender: dict[str, Any], deadline_
         sp = ctx.Process(target=sender_worker, args=(sender, addresses, q), name="sender", daemon=True)
         sp.start()
         procs.append(sp)
-        expected = {"sender"} | {cfg["name"] for cfg in receivers if cfg.get("die_after") is None}
+        expected = {cfg["name"] for cfg in receivers if cfg.get("die_after") is None}
+        if sender.get("die_at") is None:
+            expected.add("sender")
         while not expected <= set(done):
             try:
                 kind, name, payload = q.get(timeout=max(0.1, deadline - time.monotonic()))
@@ -303,7 +326,7 @@ def test_fifty_pushes_no_leaks() -> None:
     out = run_world(rxs, {"timeout": 30.0, "pushes": [("small", i + 1, ()) for i in range(n)], "mark_at": 9}, deadline_s=58.0)
     assert all(r[0] == "ok" for r in out["sender"]["results"]), [r for r in out["sender"]["results"] if r[0] != "ok"][:3]
     for name, rep in out.items():
-        (fd0, rss0), (fd1, rss1) = rep["marks"]["start"], rep["marks"]["end"]
+        (fd0, rss0, _), (fd1, rss1, _) = rep["marks"]["start"], rep["marks"]["end"]
         assert fd1 <= fd0 + 1, f"{name}: file descriptors grew from {fd0} to {fd1} over {n - 10} pushes"
         assert rss1 - rss0 < 32 << 20, f"{name}: RSS grew by {(rss1 - rss0) >> 20} MiB over {n - 10} pushes"
         if name != "sender":
