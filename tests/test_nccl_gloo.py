@@ -171,21 +171,23 @@ def sender_worker(cfg: dict[str, Any], addresses: list[str], q: Any) -> None:
                 os._exit(3)
 
         backend = cfg.get("backend", "gloo")
-        with Refitter("nccl", peers=addresses, backend=backend, device=device, bucket_bytes=BUCKET, timeout=cfg["timeout"], progress=progress) as r:
-            for i, (kind, seed, drop) in enumerate(cfg["pushes"]):
-                push[0] = i
-                state, scales = make_state(kind, seed)
-                state = {k: v.to(device) for k, v in state.items() if k not in drop}
-                scales = {k: v.to(device) for k, v in scales.items()}
-                t0 = time.monotonic()
-                try:
-                    report = r.push(state, scales)
-                    results.append(("ok", report.version, report.buckets, sorted(x.peer for x in report.receivers)))
-                except RefitError as exc:
-                    results.append((error_kind(exc), str(exc)[:2000], time.monotonic() - t0))
-                if i == cfg.get("mark_at", -1):
-                    marks["start"] = resources(device)
-            marks["end"] = resources(device)
+        every = cfg.get("new_sender_every", len(cfg["pushes"]))  # a new Refitter (and group) after that many pushes
+        for first in range(0, len(cfg["pushes"]), every):
+            with Refitter("nccl", peers=addresses, backend=backend, device=device, bucket_bytes=BUCKET, timeout=cfg["timeout"], progress=progress) as r:
+                for i, (kind, seed, drop) in enumerate(cfg["pushes"][first : first + every], start=first):
+                    push[0] = i
+                    state, scales = make_state(kind, seed)
+                    state = {k: v.to(device) for k, v in state.items() if k not in drop}
+                    scales = {k: v.to(device) for k, v in scales.items()}
+                    t0 = time.monotonic()
+                    try:
+                        report = r.push(state, scales)
+                        results.append(("ok", report.version, report.buckets, sorted(x.peer for x in report.receivers)))
+                    except RefitError as exc:
+                        results.append((error_kind(exc), str(exc)[:2000], time.monotonic() - t0))
+                    if i == cfg.get("mark_at", -1):
+                        marks["start"] = resources(device)
+        marks["end"] = resources(device)
         pg_ok = default_group_ok() if cfg.get("default_pg") else None
         q.put(("done", "sender", {"results": results, "marks": marks, "default_pg": pg_ok}))
     except BaseException:
@@ -318,6 +320,15 @@ def test_receiver_killed_mid_stream() -> None:
         assert got[3] is True, "a survivor that applied buckets must be torn"
         assert got[4] < timeout + 5
     assert time.monotonic() - t0 < 50
+
+
+def test_a_new_sender_after_the_last_one_closed() -> None:
+    """Receivers keep their group between pushes; a new Refitter builds a new one."""
+    rxs = [rx_cfg(f"rx{i}", "small", 4) for i in range(2)]
+    out = run_world(rxs, {"timeout": 30.0, "pushes": [("small", seed, ()) for seed in range(1, 5)], "new_sender_every": 2})
+    assert [r[:2] for r in out["sender"]["results"]] == [("ok", 1), ("ok", 2), ("ok", 1), ("ok", 2)]
+    for name in ("rx0", "rx1"):
+        assert [r[3] for r in out[name]["results"]] == [expected_target("small", seed) for seed in range(1, 5)], name
 
 
 def test_fifty_pushes_no_leaks() -> None:

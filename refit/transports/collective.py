@@ -20,9 +20,11 @@ Why this way:
 * Collectives have no timeout of their own. Gloo gets one through its options. For NCCL a
   watchdog thread watches every outstanding broadcast and calls ``comm.abort()`` when one passes
   its deadline (or NCCL reports an asynchronous error); the kernels then return and the waiter
-  raises. Before ``ncclCommInitRank`` (which CuPy calls holding the GIL, so no Python thread
-  could bound it) every rank first meets at a store barrier that has a timeout, so the init only
-  starts once all ranks are known to be alive.
+  raises. ``ncclCommInitRank`` has no timeout either, so every rank first meets at a store
+  barrier that has one: the init only starts once all ranks are known to be alive.
+* NCCL's destroy and abort wait until every rank of the node released the communicator, so they
+  run in a daemon thread (:func:`_release`): a rank that closes first never hangs on one that
+  keeps the group.
 
 Rejected: pickled rendezvous data (remote code execution); ``torch.distributed.new_group``
 (collective over the *default* group, which the trainer and the engine do not share); a
@@ -460,8 +462,9 @@ class NcclCommunicator(Communicator):
             )
         done = torch.cuda.Event()
         done.record(self.stream)
-        # the caller's stream must not read the buffer (apply) or refill it (pack) before this
-        torch.cuda.current_stream(self.device).wait_event(done)
+        # The caller's stream is not made to wait for ``done``: that would order every later
+        # pack or apply after this broadcast, and the sender could no longer pack bucket k+1
+        # while bucket k is on the wire. The buffer is the caller's again once wait() returned.
         with self._lock:
             self._armed.append((done, time.monotonic() + self.timeout, what))
         return _NcclHandle(done, self, what)
@@ -490,25 +493,44 @@ class NcclCommunicator(Communicator):
     def _abort(self) -> None:
         comm, self.comm = self.comm, None
         if comm is not None:
-            with contextlib.suppress(Exception):
-                comm.abort()
+            # abort stops this rank's kernels first (so waiters wake up), then waits for the
+            # other ranks of the node like destroy does: not on the watchdog's thread
+            _release(comm, None, self.name)
 
     def close(self) -> None:
+        """Release the communicator without waiting for the other ranks (see :func:`_release`)."""
         self._stop.set()
         if self._watchdog.is_alive() and threading.current_thread() is not self._watchdog:
             self._watchdog.join(timeout=5)
         comm, self.comm = self.comm, None
-        if comm is None:
-            return
-        if self.failure is None:
-            try:
-                self.stream.synchronize()  # destroy waits for nothing in flight
+        if comm is not None:
+            _release(comm, self.stream if self.failure is None else None, self.name)
+
+
+def _release(comm: Any, stream: torch.cuda.Stream | None, name: str) -> None:
+    """Destroy ``comm`` (after ``stream``'s work; abort it when ``stream`` is None) in a daemon
+    thread.
+
+    NCCL's destroy and abort synchronize the ranks of a node before freeing what they share,
+    so they return only once every rank of the group released it. A rank that keeps the group
+    (a receiver between pushes, until the next push offers a new group) would otherwise hang
+    whoever closes first; here the teardown simply completes when the last rank lets go. The
+    thread holds the only reference, so the communicator is never destroyed by the garbage
+    collector on the caller's thread (CuPy destroys on deallocation).
+    """
+
+    def run() -> None:
+        try:
+            if stream is not None:
+                stream.synchronize()  # nothing of ours in flight
                 comm.destroy()
                 return
-            except Exception:
-                pass
+        except Exception:
+            pass
         with contextlib.suppress(Exception):
             comm.abort()
+
+    threading.Thread(target=run, name=f"refit-nccl-release ({name})", daemon=True).start()
 
 
 def _barrier(store: torch.distributed.Store, key: str, world: int, rank: int, timeout: float, name: str) -> None:

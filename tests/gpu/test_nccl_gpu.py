@@ -14,7 +14,6 @@ Run: ``pytest -m gpu tests/gpu/test_nccl_gpu.py`` (needs CUDA and cupy-cuda12x o
 from __future__ import annotations
 
 import multiprocessing as mp
-import queue
 import time
 import traceback
 from typing import Any
