@@ -34,6 +34,7 @@ import torch
 
 from refit.api import Refitter
 from refit.errors import RefitError
+from refit.report import RefitReport
 from refit.shapes import ModelShape, make_state
 from refit.transports.collective import (
     Backend,
@@ -209,6 +210,10 @@ def _timed(run: Callable[[], object], world: _World, phase: str, reps: int) -> l
     return times
 
 
+def _ms(seconds: dict[str, float]) -> dict[str, float]:
+    return {k: round(v * 1e3, 3) for k, v in seconds.items()}
+
+
 def _row(method: str, nbytes: int, times: list[float], **extra: Any) -> Row:
     s = statistics.median(times)
     return {"method": method, "seconds": s, "best_s": min(times), "gbps": nbytes / s / 1e9, **extra}
@@ -256,11 +261,13 @@ def sweep(
         for bucket_bytes, nb in configs:
             with Refitter("nccl", peers=addresses, backend=str(chosen), device=dev, bucket_bytes=bucket_bytes, num_buffers=nb, timeout=timeout) as r:
                 world.tell("push", reps + 1)
-                times = _timed(lambda: r.push(state, scales), world, "push", reps)
+                reports: list[RefitReport] = []
+                times = _timed(lambda: reports.append(r.push(state, scales)), world, "push", reps)  # noqa: B023 (called at once)
                 world.answers("check")
                 sizes = list(r.manifest.bucket_sizes) if r.manifest is not None else []
             layouts.append((bucket_bytes, nb, sizes))
-            rows.append(_row("push", nbytes, times, bucket_bytes=bucket_bytes, num_buffers=nb, buckets=len(sizes)))
+            stages = {"sender": _ms(reports[-1].seconds)} | {x.peer: _ms(x.seconds) for x in reports[-1].receivers}
+            rows.append(_row("push", nbytes, times, bucket_bytes=bucket_bytes, num_buffers=nb, buckets=len(sizes), stages_ms=stages))
             say(f"push {bucket_bytes >> 20} MiB x {nb}: {rows[-1]['gbps']:.1f} GB/s")
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
@@ -323,6 +330,8 @@ def table(result: dict[str, Any]) -> str:
     if pushes:
         best = max(pushes, key=lambda r: r["gbps"])
         raw = max((r for r in result["rows"] if r["method"] == "raw buckets"), key=lambda r: r["gbps"])
+        for peer, ms in best["stages_ms"].items():
+            lines.append(f"  stages of its last push, {peer} (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()))
         lines.append(
             f"best push {best['gbps']:.1f} GB/s ({best['bucket_bytes'] >> 20} MiB x {best['num_buffers']}): "
             f"{best['vs_raw']:.3f} of raw at its bucket size; {best['gbps'] / raw['gbps']:.3f} of the best raw ({raw['gbps']:.1f} GB/s)"
