@@ -153,7 +153,8 @@ class Refitter:
             bytes=manifest.total_bytes,
             buckets=manifest.num_buckets,
             tensors=manifest.num_tensors,
-            seconds={"plan": t1 - t0, **stages, "stream": t3 - t1, "finish": t4 - t3, "total": t4 - t0},  # stream includes the handshake
+            # stream includes the handshake; a transport may add stages of its own (e.g. drain)
+            seconds={"plan": t1 - t0, **stages, "stream": t3 - t1, "finish": t4 - t3, **getattr(self.sender, "stages", {}), "total": t4 - t0},
             receivers=receivers,
         )
 

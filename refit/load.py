@@ -265,6 +265,12 @@ class Loader:
     def active(self) -> bool:
         return self._push is not None
 
+    def note(self, stage: str, seconds: float) -> None:
+        """Add ``seconds`` to ``stage`` in the report of the push in progress (a transport's
+        own stages: waiting for the go word, for buckets, for the sender's finish)."""
+        if self._push is not None:
+            self._push.seconds[stage] = self._push.seconds.get(stage, 0.0) + seconds
+
     def apply(self, index: int, bucket: torch.Tensor, *, persistent: bool = False) -> None:
         """Apply bucket ``index`` (a 1-D uint8 tensor holding at least its bytes).
 

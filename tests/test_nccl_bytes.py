@@ -11,7 +11,6 @@ check, so CI catches any buffer that is not plain bytes.
 from __future__ import annotations
 
 import ctypes
-import queue
 import threading
 from typing import Any
 
@@ -37,15 +36,27 @@ class _Done(Handle):
         return None
 
 
+class _Wire:
+    """What rank 0 broadcast so far, in order, for one receiving rank."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.posted = 0
+        self.cond = threading.Condition()
+
+
 class _Recv(Handle):
-    def __init__(self, q: queue.Queue[bytes], ptr: int, n: int) -> None:
-        self.q, self.ptr, self.n = q, ptr, n
+    """The ``seq``-th broadcast of the group: collectives complete in the order they were
+    posted, whatever order they are waited in."""
+
+    def __init__(self, wire: _Wire, seq: int, ptr: int, n: int) -> None:
+        self.wire, self.seq, self.ptr, self.n = wire, seq, ptr, n
 
     def wait(self) -> None:
-        try:
-            data = self.q.get(timeout=_WAIT)
-        except queue.Empty:
-            raise TransportError("fake NCCL: the root never broadcast") from None
+        with self.wire.cond:
+            if not self.wire.cond.wait_for(lambda: len(self.wire.sent) > self.seq, timeout=_WAIT):
+                raise TransportError("fake NCCL: the root never broadcast")
+            data = self.wire.sent[self.seq]
         ctypes.memmove(self.ptr, data, min(len(data), self.n))
 
 
@@ -55,7 +66,7 @@ class ByteComm(Communicator):
 
     backend = Backend.NCCL
 
-    def __init__(self, wires: dict[int, queue.Queue[bytes]], rank: int, world: int) -> None:
+    def __init__(self, wires: dict[int, _Wire], rank: int, world: int) -> None:
         self.wires, self.rank, self.world = wires, rank, world
         self.name = f"fake NCCL group (rank {rank} of {world})"
 
@@ -63,10 +74,14 @@ class ByteComm(Communicator):
         ptr, n = buf.data_ptr(), buf.numel()
         if self.rank == 0:
             data = ctypes.string_at(ptr, n)
-            for q in self.wires.values():
-                q.put(data)
+            for wire in self.wires.values():
+                with wire.cond:
+                    wire.sent.append(data)
+                    wire.cond.notify_all()
             return _Done()
-        return _Recv(self.wires[self.rank], ptr, n)
+        wire = self.wires[self.rank]
+        wire.posted += 1
+        return _Recv(wire, wire.posted - 1, ptr, n)
 
     def close(self) -> None:
         pass
@@ -74,12 +89,12 @@ class ByteComm(Communicator):
 
 @pytest.fixture
 def byte_groups(monkeypatch: pytest.MonkeyPatch) -> None:
-    groups: dict[str, dict[int, queue.Queue[bytes]]] = {}
+    groups: dict[str, dict[int, _Wire]] = {}
     lock = threading.Lock()
 
     def fake_connect(rdv: Rendezvous, store: Any, rank: int, device: torch.device, *, host: str | None = None) -> Communicator:
         with lock:
-            wires = groups.setdefault(rdv.group, {r: queue.Queue() for r in range(1, rdv.world)})
+            wires = groups.setdefault(rdv.group, {r: _Wire() for r in range(1, rdv.world)})
         return ByteComm(wires, rank, rdv.world)
 
     monkeypatch.setattr(nccl_transport, "connect", fake_connect)

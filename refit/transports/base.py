@@ -46,6 +46,9 @@ class Sender(ABC):
 
     #: device of the staging buffers (pack copies land here)
     device: torch.device = torch.device("cpu")
+    #: seconds of the transport's own stages in the last push (reset by ``handshake``),
+    #: added to the push's report
+    stages: dict[str, float]
 
     def configure(self, bucket_bytes: int, num_buffers: int) -> None:
         """The push options, told once before the first handshake (transports that share their

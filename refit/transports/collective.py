@@ -52,7 +52,7 @@ import torch
 from refit.errors import TransportError, WireError
 from refit.transports.shared_buffers import cuda_index
 
-RENDEZVOUS_VERSION = 1
+RENDEZVOUS_VERSION = 2
 # cupy's broadcast takes an ``int`` count: larger buckets go in pieces below 2**31.
 _NCCL_MAX_COUNT = 1 << 30
 
@@ -106,6 +106,8 @@ class Rendezvous:
         unique_id: NCCL unique id (128 bytes; empty for gloo).
         timeout: seconds any collective of this group may take.
         fresh: the sender builds this group now (else receivers must already be in it).
+        prelude: bytes of bucket 0 the sender broadcasts *before* the go word, while the
+            verdicts are still on their way (0: none); every rank takes part in it.
     """
 
     backend: Backend
@@ -117,6 +119,7 @@ class Rendezvous:
     unique_id: bytes = b""
     timeout: float = 120.0
     fresh: bool = True
+    prelude: int = 0
 
     def encode(self) -> bytes:
         """msgpack bytes (never pickle)."""
@@ -132,6 +135,7 @@ class Rendezvous:
                 "unique_id": self.unique_id,
                 "timeout": self.timeout,
                 "fresh": self.fresh,
+                "prelude": self.prelude,
             }
         )
 
@@ -176,7 +180,11 @@ class Rendezvous:
         fresh = d.get("fresh")
         if not isinstance(fresh, bool):
             raise WireError(f"rendezvous field 'fresh': expected a bool, got {type(fresh).__name__}")
-        return cls(backend=backend, group=group, rank=rank, world=world, host=host, port=port, unique_id=unique_id, timeout=timeout, fresh=fresh)
+        prelude = field("prelude", int)
+        if not 0 <= prelude < 1 << 62:
+            raise WireError(f"rendezvous field 'prelude': {prelude} out of range")
+        fields = {"backend": backend, "group": group, "rank": rank, "world": world, "host": host, "port": port}
+        return cls(**fields, unique_id=unique_id, timeout=timeout, fresh=fresh, prelude=prelude)
 
 
 def new_group_id() -> str:

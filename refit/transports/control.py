@@ -192,9 +192,11 @@ class PeerGroup:
                     raise TransportError(f"receiver {p.address}: expected ack of bucket {p.acked + 1}, got {msg}")
                 p.acked = msg.index
 
-    def finish(self) -> list[RefitReport]:
+    def finish(self, *, send_finish: bool = True) -> list[RefitReport]:
+        """Collect every receiver's Done (after telling each that the stream is complete,
+        unless the transport's receivers know it themselves: ``send_finish=False``)."""
         self._in_slot.clear()  # every bucket is acknowledged before Done
-        for p in self.peers:
+        for p in self.peers if send_finish else ():
             p.send(Finish(self.push_id))
         reports = []
         for p in self.peers:
@@ -365,10 +367,16 @@ class ControlServer:
             if not isinstance(msg, Abort):
                 self.reply(Abort(msg.push_id, f"{self.name}: no push in progress"))
 
-    def end(self, loader: Loader, hello: Hello, timeout: float | None) -> RefitReport:
-        """Wait for Finish, commit, reply Done (after a transport's own bucket loop)."""
+    def end(self, loader: Loader, hello: Hello, timeout: float | None, *, expect_finish: bool = True) -> RefitReport:
+        """Wait for Finish, commit, reply Done (after a transport's own bucket loop). With
+        ``expect_finish=False`` (a transport whose bucket loop proves the stream complete),
+        commit at once."""
         with self.guard(loader, hello):
+            if not expect_finish:
+                return self._commit(loader, hello)
+            t0 = time.perf_counter()
             msg, _, hello = self._in_push(loader, hello, timeout, "finish")
+            loader.note("wait_finish", time.perf_counter() - t0)
             if not isinstance(msg, Finish):
                 raise WireError(f"{self.name}: expected finish, got {type(msg).__name__}")
             return self._commit(loader, hello)

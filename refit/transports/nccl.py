@@ -29,6 +29,7 @@ already guarantee); rendezvous through pickled objects or the default process gr
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -128,6 +129,8 @@ class NcclSender(Sender):
         self._num_buckets = 0
         self._go = _go_buffer(self.device)
         self._go_handle: Handle | None = None
+        self._prelude = 0
+        self.stages: dict[str, float] = {}
 
     @classmethod
     def for_receivers(cls, infos: Sequence[dict[str, Any]], *, timeout: float = 120.0, **options: Any) -> NcclSender:
@@ -156,6 +159,7 @@ class NcclSender(Sender):
             unique_id=self._unique_id,
             timeout=self.timeout,
             fresh=self._joining,
+            prelude=self._prelude,
         )
 
     def _drop_group(self) -> None:
@@ -166,8 +170,12 @@ class NcclSender(Sender):
             comm.close()
 
     def handshake(self, manifest: Manifest, version: int) -> None:
+        self.stages = {}
         self._inflight.clear()
         self._num_buckets = manifest.num_buckets
+        # bucket 0 (packed by now) goes out while the verdicts are on their way; receivers apply
+        # it only after the go word, and on a no-go everyone has taken part in it all the same
+        self._prelude = manifest.bucket_sizes[0] if manifest.num_buckets else 0
         self._joining = self._comm is None
         if self._joining:
             self._group_id = new_group_id()
@@ -175,7 +183,7 @@ class NcclSender(Sender):
             self._unique_id = bytes(b & 0xFF for b in nccl.get_unique_id()) if nccl is not None else b""
         rdvs = [self._rendezvous(i + 1).encode() for i in range(len(self.group.peers))]
         try:
-            self.group.handshake(manifest, version, self._num_buffers, extra=lambda i: rdvs[i], after_hello=self._join)
+            self.group.handshake(manifest, version, self._num_buffers, extra=lambda i: rdvs[i], after_hello=self._join_and_send_prelude)
         except ResolveError as exc:
             # Receivers that answered their Hello are in the group and wait for the go word: a
             # no-go releases them at once. One whose set-up failed is not in the group, so the
@@ -191,12 +199,17 @@ class NcclSender(Sender):
         except BaseException:
             self._drop_group()
             raise
+        t0 = time.perf_counter()
         self._go_handle = self._go_word(self.group.push_id, "go word")
+        self.stages["go"] = time.perf_counter() - t0
 
-    def _join(self) -> None:
-        """After every Hello is out: the sender joins a new group as rank 0 (blocks for all)."""
+    def _join_and_send_prelude(self) -> None:
+        """After every Hello is out: join a new group as rank 0 (blocks for all), then start
+        broadcasting bucket 0 (the prelude) before any verdict is in."""
         if self._joining and self._store is not None and self._store.store is not None:
             self._comm = _join_group(self._rendezvous(0), self._store.store, 0, self.device, self.host, "the sender")
+        if self._prelude and self._comm is not None:
+            self.send(0, 0, self._prelude)
 
     def _go_word(self, push_id: int, what: str) -> Handle:
         if self._comm is None:
@@ -231,18 +244,26 @@ class NcclSender(Sender):
             raise TransportError(f"nccl transport: no group to broadcast bucket {index} (was the push aborted?)")
         if nbytes == 0:
             return  # both sides skip empty buckets (sizes come from the manifest)
+        if index == 0 and slot in self._inflight:
+            return  # the prelude: already on its way since the handshake
         handle = self._comm.broadcast(self._bufs[slot][:nbytes], f"bucket {index} of {self._num_buckets}")
         self._inflight[slot] = (index, handle)
 
     def finish(self) -> list[RefitReport]:
         try:
+            t0 = time.perf_counter()
             if self._go_handle is not None:
                 self._go_handle.wait()
                 self._go_handle = None
             for slot in sorted(self._inflight, key=lambda s: self._inflight[s][0]):
                 self._wait(*self._inflight[slot])
             self._inflight.clear()
-            return self.group.finish()
+            t1 = time.perf_counter()
+            # no Finish message: a receiver commits once its last bucket arrived (a collective
+            # completes for every rank or for none), so only the Done replies are awaited
+            reports = self.group.finish(send_finish=False)
+            self.stages |= {"drain": t1 - t0, "confirm": time.perf_counter() - t1}
+            return reports
         except BaseException:
             self._drop_group()
             raise
@@ -291,6 +312,7 @@ class NcclReceiver(ReceiverTransport):
         self._in_group = False  # joined (or confirmed) the group for the push being offered
         self._bufs: list[torch.Tensor] = []
         self._go: torch.Tensor | None = None
+        self._prelude = 0  # bytes of bucket 0 broadcast before the go word in the push offered
 
     def info(self) -> dict[str, Any]:
         return {"address": self.server.address}
@@ -306,6 +328,7 @@ class NcclReceiver(ReceiverTransport):
         if not hello.extra:
             raise TransportError(f"{self.name}: the Hello carries no rendezvous; is the sender using transport 'nccl'?")
         rdv = Rendezvous.decode(hello.extra)
+        self._prelude = rdv.prelude
         if self._comm is not None and rdv.group == self._group_id and rdv.rank == self._rank:
             self._in_group = True
             return
@@ -339,7 +362,7 @@ class NcclReceiver(ReceiverTransport):
         try:
             with self.server.guard(loader, hello):
                 self._stream(loader, hello)
-            return self.server.end(loader, hello, in_push)
+            return self.server.end(loader, hello, in_push, expect_finish=False)
         except _NoGo:
             raise
         except BaseException:
@@ -347,11 +370,16 @@ class NcclReceiver(ReceiverTransport):
             raise
 
     def _after_refusal(self) -> None:
-        """This receiver refused: take part in the sender's no-go broadcast, then carry on."""
+        """This receiver refused: take part in the prelude and the sender's no-go broadcast,
+        then carry on in the same group."""
         if not self._in_group or self._comm is None or self._go is None:
             self._drop_group()
             return
         try:
+            if self._prelude:
+                fits = bool(self._bufs) and self._bufs[0].numel() >= self._prelude and self._bufs[0].device == self._go.device
+                scratch = self._bufs[0] if fits else torch.empty(self._prelude, dtype=torch.uint8, device=self._go.device)
+                self._comm.broadcast(scratch[: self._prelude], "bucket 0 (refused push)").wait()
             self._comm.broadcast(self._go, "go word (refused push)").wait()
         except TransportError:
             self._drop_group()
@@ -361,13 +389,9 @@ class NcclReceiver(ReceiverTransport):
         manifest = hello.manifest or loader.knows(hello.digest)
         if comm is None or go is None or manifest is None:
             raise TransportError(f"{self.name}: no group or manifest after the handshake (phase buckets)")
-        comm.broadcast(go, "go word").wait()
-        push_id, ok = (int(x) for x in go.view(torch.int64).tolist())
-        if not ok:
-            raise _NoGo(f"{self.name}: the sender abandoned the push before any bucket was sent (another receiver refused)")
-        if push_id != hello.push_id:
-            raise TransportError(f"{self.name}: go word for push {push_id}, expected {hello.push_id}; sender and receiver are out of step")
         sizes, n = manifest.bucket_sizes, manifest.num_buckets
+        if self._prelude != (sizes[0] if n else 0):
+            raise TransportError(f"{self.name}: the sender's prelude is {self._prelude} bytes, bucket 0 has {sizes[0] if n else 0}; out of step")
         bufs = self._buffers(manifest.bucket_bytes, max(1, hello.num_buffers), go.device)
         nb = len(bufs)
         pending: dict[int, Handle] = {}
@@ -376,15 +400,28 @@ class NcclReceiver(ReceiverTransport):
             if sizes[i]:
                 pending[i] = comm.broadcast(bufs[i % nb][: sizes[i]], f"bucket {i} of {n}")
 
+        if self._prelude:
+            post(0)  # bucket 0 arrives while the go word is decided; applied only after a go
+        t0 = time.perf_counter()
+        comm.broadcast(go, "go word").wait()
+        push_id, ok = (int(x) for x in go.view(torch.int64).tolist())
+        loader.note("go", time.perf_counter() - t0)
+        if not ok:
+            raise _NoGo(f"{self.name}: the sender abandoned the push before anything was applied (another receiver refused)")
+        if push_id != hello.push_id:
+            raise TransportError(f"{self.name}: go word for push {push_id}, expected {hello.push_id}; sender and receiver are out of step")
         for i in range(min(nb, n)):
-            post(i)
+            if i not in pending:
+                post(i)
         for i in range(n):
             handle = pending.pop(i, None)
             if handle is not None:
+                t0 = time.perf_counter()
                 try:
                     handle.wait()
                 except TransportError as exc:
                     raise TransportError(f"{self.name}: {exc} [phase buckets, bucket {i} of {n}; sender is rank 0]") from None
+                loader.note("wait", time.perf_counter() - t0)
             loader.apply(i, bufs[i % nb][: sizes[i]], persistent=True)
             if i + nb < n:
                 post(i + nb)  # on CUDA, ordered after this apply's copies by an event
