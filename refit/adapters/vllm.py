@@ -295,8 +295,10 @@ class VllmEngine:
 class AsyncVllmEngine(VllmEngine):
     """:class:`~refit.transports.base.EngineHandle` for an in-process ``AsyncLLM``.
 
-    The RPCs run as coroutines on the engine's event loop, so call ``Refitter.push`` from
-    another thread (``await asyncio.to_thread(refitter.push, state, scales)``): pushing from the
+    The RPCs run as coroutines on the engine's event loop, so construct the ``Refitter`` (it
+    makes the workers join the transport), push and close from another thread
+    (``await asyncio.to_thread(Refitter, "zmq", engine=handle)``,
+    ``await asyncio.to_thread(refitter.push, state, scales)``): blocking on them in the
     loop's own thread would block the loop the RPCs need.
 
     Args:
@@ -315,7 +317,10 @@ class AsyncVllmEngine(VllmEngine):
 
     def _collective(self, method: str, args: tuple[Any, ...], limit: float | None) -> Any:
         if _running_loop() is self.loop:
-            raise RefitError("AsyncVllmEngine: push from another thread (asyncio.to_thread), not from the engine's event loop")
+            raise RefitError(
+                "AsyncVllmEngine: call Refitter(...), push and close from another thread, not from the engine's event loop "
+                "(e.g. refitter = await asyncio.to_thread(Refitter, 'zmq', engine=handle); see docs/vllm.md)"
+            )
         future = asyncio.run_coroutine_threadsafe(self.llm.collective_rpc(method, timeout=limit, args=args), self.loop)
         return future.result(None if limit is None else limit + 30)
 

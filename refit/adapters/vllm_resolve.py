@@ -52,16 +52,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.attention import is_deferred_attention_layer
-from vllm.model_executor.model_loader import reload as vllm_reload
+from vllm.model_executor.layers.linear import LinearBase
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
 from vllm.model_executor.model_loader.reload.meta import SKIP_LOAD_TENSORS
 from vllm.model_executor.model_loader.reload.sanitize import restore_layer_refs
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader, maybe_remap_kv_scale_name
 from vllm.model_executor.models.utils import PPMissingLayer, StageMissingLayer, get_pp_missing_layer_names
 
-from refit.errors import ResolveError
+from refit.adapters.vllm_reads import CopyTrace, Reads, bounding_shape, covered
+from refit.adapters.vllm_reload import LayerwiseReload
+from refit.errors import ResolveError, TornStateError
 from refit.load import Loader
 from refit.meta import Manifest, TensorMeta
 from refit.resolve import Placement, Resolution
@@ -94,19 +97,8 @@ class Hit:
 class _Probe:
     hits: list[Hit] = field(default_factory=list)
     error: str = ""
-
-
-class _CopyCount(TorchDispatchMode):
-    """Counts elements written by ``copy_`` (how much of a parameter a loader call fills)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if func is torch.ops.aten.copy_.default:
-            self.numel += args[0].numel()
-        return func(*args, **(kwargs or {}))
+    reads: Reads = field(default_factory=Reads)  # what the loaders read of the probe input, every TP rank
+    shape_problem: str = ""
 
 
 def _meta_like(t: torch.Tensor) -> torch.Tensor:
@@ -130,6 +122,8 @@ class _Shadow:
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.hits: list[Hit] = []
+        self.source: torch.Tensor | None = None  # the probe input of the probe in progress
+        self.reads = Reads()
         self.tensors: dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
         for qual, mod in model.named_modules(remove_duplicate=False):
             if id(mod) in self.tensors:
@@ -159,9 +153,10 @@ class _Shadow:
         while getattr(original, "__name__", "") == "online_process_loader":  # a reload's wrapper
             original = original.__wrapped__  # type: ignore[attr-defined]
         hits = self.hits
+        shadow = self
 
         def recording_loader(*args: Any, **kwargs: Any) -> Any:
-            with _CopyCount() as count:
+            with CopyTrace(shadow.source, shadow.reads) as count:
                 ret = original(*args, **kwargs)
             cap = getattr(t, "weight_loader_numel", t.numel())
             hits.append(Hit(qual, attr, _shard_of(args, kwargs), min(count.numel, cap)))
@@ -216,13 +211,17 @@ class VllmResolver:
         self._cache: dict[tuple[str, tuple[int, ...], torch.dtype], tuple[Resolution, list[Hit]]] = {}
         self._hits_by_key: dict[str, list[Hit]] = {}
         self._kv_values: dict[tuple[str, str], torch.Tensor] = {}  # (attention module, "_k_scale") -> value
-        self._reloading = False
         self._missing = [n.rstrip(".") for n in get_pp_missing_layer_names(model)]  # vLLM keeps a trailing dot
         first: dict[int, str] = {}
         self._aliases: dict[str, str] = {}  # tied name -> the first name of the same parameter
         for n, p in model.named_parameters(remove_duplicate=False):
             if first.setdefault(id(p), n) != n:
                 self._aliases[n] = first[id(p)]
+        self._reload = LayerwiseReload(model, getattr(vllm_config, "model_config", None), self._aliases)
+        self._tp = get_tensor_model_parallel_world_size() if vllm_config is not None else 1
+        self._tied: dict[str, tuple[str, str]] = {}  # tied output name -> (input embedding name, its key)
+        self._pairs: dict[str, str] = {}  # this push: name -> the tied name it must equal (both pushed)
+        self._stash: dict[frozenset[str], tuple[str, torch.Tensor]] = {}  # the first of a pair, until the second arrives
 
     # ---------------------------------------------------------------- resolution
 
@@ -240,10 +239,11 @@ class VllmResolver:
             if pattern.search(name):
                 return self._resolve_amax(name, pattern.sub(repl, name), shape, dtype)
         probe = self._probe(name, shape, dtype)
-        if probe.hits and not probe.error:
-            problem = self._dtype_problem(name, dtype, probe.hits)
+        embed = self._tied_input(name, probe)
+        if embed is None and probe.hits and not probe.error:
+            problem = self._dtype_problem(name, dtype, probe.hits) or probe.shape_problem
             key = "+".join(h.key for h in probe.hits)
-            return Resolution(Placement.LOCAL, load=self._loader(name), key=key, problem=problem), probe.hits
+            return Resolution(Placement.LOCAL, load=self._loader(name, probe.hits), key=key, problem=problem), probe.hits
         if name.endswith(KV_SCALE_SUFFIXES):
             kv = self._resolve_kv_buffer(name, shape, dtype)
             if kv is not None:
@@ -251,36 +251,136 @@ class VllmResolver:
         remote = self._remote(name, shape, dtype)
         if remote is not None:
             return remote, []
-        if self._is_tied_output(name, shape, probe):
-            # The output embedding of a tied model: vLLM's loader skips it on purpose (it shares
-            # the input embedding), and so do we; the input embedding's name carries the value.
-            return Resolution(Placement.LOCAL, load=lambda t: None, key=name), []
+        if embed is not None:
+            # The output embedding of a tied model: vLLM's loader skips it (it shares the input
+            # embedding). Its value is the input embedding's, so it loads as that name; pushed
+            # together with the input embedding, the two must be equal (see _load_pair).
+            res, hits = self._resolve(embed, shape, dtype)
+            if res.placement is Placement.LOCAL and not res.problem:
+                self._tied[name] = (embed, res.key)
+                return Resolution(Placement.LOCAL, load=self._tied_loader(name, embed, hits), key=f"{res.key} (tied: {name})"), hits
+            return Resolution(Placement.UNKNOWN, key=name, problem=f"{name}: the output embedding is tied to {embed}: {res.problem or 'unknown'}"), []
         if probe.error:
-            return Resolution(Placement.UNKNOWN, key=name, problem=f"{name}: {probe.error}"), []
+            expected = self._expected(name, shape, dtype)
+            note = f"; expected {expected}" if expected else ""
+            return Resolution(Placement.UNKNOWN, key=name, problem=f"{name}: {probe.error.rstrip('.')}{note}"), []
         return Resolution(Placement.UNKNOWN, key=name, problem=f"{name}: no parameter of this model takes it{self._suggest(name)}"), []
 
-    def _is_tied_output(self, name: str, shape: tuple[int, ...], probe: _Probe) -> bool:
+    def _tied_input(self, name: str, probe: _Probe) -> str | None:
+        """The input embedding's name if ``name`` is the output embedding of a tied model
+        (vLLM may load it into the shared parameter through lm_head, skip it, or not build
+        lm_head at all)."""
+        targets = {f"{h.module}.{h.attr}" for h in probe.hits}
+        if targets and not probe.error and all(t in self._aliases for t in targets):
+            return self._aliases[targets.pop()]
         if name in self._aliases:
-            canonical = self._probe(self._aliases[name], shape, torch.float32)
-            return bool(canonical.hits) and not canonical.error
+            return self._aliases[name]
+        if probe.hits and not probe.error:
+            return None
         # HF's state_dict() of a tied model also lists its output embedding, a top-level module
         # (lm_head, embed_out, output); vLLM may skip that name or not build the module at all.
         cfg = getattr(getattr(self.vllm_config, "model_config", None), "hf_text_config", None)
         if not getattr(cfg, "tie_word_embeddings", False) or name.count(".") != 1 or not name.endswith(".weight"):
-            return False
-        return tuple(shape) == (getattr(cfg, "vocab_size", -1), getattr(cfg, "hidden_size", -1))
+            return None
+        embeds = [q for q, m in self.model.named_modules() if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)]
+        return f"{embeds[0]}.weight" if len(embeds) == 1 else None
 
-    def _probe(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> _Probe:
+    # ---------------------------------------------------------------- probing
+
+    def _probe_once(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> _Probe:
         self._shadow.hits.clear()
         probe = _Probe()
+        source = torch.empty(shape, dtype=dtype, device="meta")
+        self._shadow.source, self._shadow.reads = source, probe.reads
         try:
             with self._context(), self._shadow.active(), torch.no_grad():
-                self.model.load_weights([(name, torch.empty(shape, dtype=dtype, device="meta"))])  # type: ignore[operator]
+                self.model.load_weights([(name, source)])  # type: ignore[operator]
         except Exception as exc:  # a model's load_weights signals unknown names in many ways
             detail = str(exc).splitlines()[0][:300] if str(exc).strip() else "rejected by the model's weight loader"
             probe.error = f"shape {list(shape)} / {dtype}: {type(exc).__name__}: {detail}"
+        finally:
+            self._shadow.source = None
         probe.hits = list(self._shadow.hits)
         return probe
+
+    def _probe(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> _Probe:
+        """Probe ``name`` as this rank and, where the loaders shard by tensor-parallel rank, as
+        every other rank too; then check that the loaders read every pushed element."""
+        probe = self._probe_once(name, shape, dtype)
+        if probe.error or not probe.hits:
+            return probe
+        errors = self._probe_other_ranks(probe, name, shape, dtype)
+        if errors is None or probe.reads.untraced:
+            return probe  # the loaders' own checks are all that applies (see vllm_reads)
+        n = 1
+        for d in shape:
+            n *= d
+        read = covered(probe.reads.regions)
+        if errors or (read is not None and read != n):
+            targets = ", ".join(sorted({h.key for h in probe.hits}))
+            detail = errors[0] if errors else f"vLLM's loaders would take {read} of its {n} elements and drop the rest"
+            expected = self._expected(name, shape, dtype)
+            note = f": expected {expected}" if expected else ""
+            probe.shape_problem = f"{name}: shape {list(shape)} does not match {targets}{note} ({detail})"
+        return probe
+
+    def _probe_other_ranks(self, probe: _Probe, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> list[str] | None:
+        """Probe as every other TP rank, adding their reads to ``probe``; returns their errors,
+        or None where the reads of one rank cannot be checked against the whole tensor (a hit
+        module shards by other means than ``tp_rank``: vocab embeddings check their own size,
+        fused MoE experts are checked as vLLM's loader checks them)."""
+        if self._tp == 1:
+            return []
+        modules = [self.model.get_submodule(m) for m in sorted({h.module for h in probe.hits})]
+        if not all(isinstance(m, LinearBase) for m in modules):
+            return None
+        sharded = [m for m in modules if getattr(m, "tp_size", 1) > 1]
+        errors = []
+        for rank in range(self._tp):
+            if not sharded or rank == getattr(sharded[0], "tp_rank", 0):
+                continue
+            with self._as_rank(sharded, rank):
+                other = self._probe_once(name, shape, dtype)
+            if other.reads.untraced:
+                return None
+            probe.reads.regions += other.reads.regions
+            if other.error:
+                errors.append(f"as tensor-parallel rank {rank} of {self._tp}: {other.error}")
+        return errors
+
+    @contextmanager
+    def _as_rank(self, modules: list[torch.nn.Module], rank: int) -> Iterator[None]:
+        """vLLM's linear layers (and their parameters) shard by their ``tp_rank`` attribute."""
+        saved: list[tuple[Any, int]] = []
+        try:
+            for mod in modules:
+                saved.append((mod, int(mod.tp_rank)))  # type: ignore[arg-type]
+                mod.tp_rank = rank  # type: ignore[assignment]
+                for t in self._shadow.tensors[id(mod)][0].values():
+                    if t is not None and hasattr(t, "tp_rank"):
+                        saved.append((t, t.tp_rank))
+                        t.tp_rank = rank
+            yield
+        finally:
+            for obj, r in reversed(saved):
+                obj.tp_rank = r
+
+    def _expected(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> list[int] | None:
+        """The shape the loaders of every rank read of a roomier tensor of every rank read of a roomier tensor (larger in
+        every dimension, then in one at a time, since loaders narrow some dimensions and check
+        the others), or None. Meta tensors: no memory, only the probes' time, on refusals only."""
+        tries = [tuple(2 * d + 1024 for d in shape)] + [shape[:i] + (2 * shape[i] + 1024,) + shape[i + 1 :] for i in range(len(shape))]
+        for roomy in tries if len(shape) > 1 else tries[:1]:
+            probe = self._probe_once(name, roomy, dtype)
+            if probe.error or not probe.hits:
+                continue
+            errors = self._probe_other_ranks(probe, name, roomy, dtype)
+            if errors is None or errors or probe.reads.untraced:
+                continue
+            expected = bounding_shape(probe.reads.regions, roomy)
+            if expected is not None and expected != list(shape):
+                return expected
+        return None
 
     def _dtype_problem(self, name: str, dtype: torch.dtype, hits: list[Hit]) -> str:
         for h in hits:
@@ -378,6 +478,12 @@ class VllmResolver:
         are exempt: vLLM rebuilds their scales from sentinels and applies its own rules for
         missing ones (a lone ``k_scale`` is duplicated to ``v_scale``).
         """
+        keys = {r.key for r in resolutions}
+        self._pairs = {}
+        for output, (embed, embed_key) in self._tied.items():
+            tied_key = f"{embed_key} (tied: {output})"
+            if tied_key in keys and embed_key in keys:
+                self._pairs[output], self._pairs[embed] = embed, output
         filled: dict[str, int] = {}
         for res in resolutions:
             for h in self._hits_by_key.get(res.key, []):
@@ -401,30 +507,62 @@ class VllmResolver:
 
     # ---------------------------------------------------------------- loading
 
-    def _loader(self, name: str) -> Callable[[torch.Tensor], None]:
+    def _loader(self, name: str, hits: list[Hit]) -> Callable[[torch.Tensor], None]:
+        modules = {h.module for h in hits}
+
         def load(t: torch.Tensor) -> None:
-            self._begin_reload()
-            # The online loaders of layer-wise reload keep the tensor until the whole layer
-            # arrived, which may be after this bucket's memory is reused: give them a copy.
-            with self._context(), torch.no_grad():
-                loaded = self.model.load_weights([(name, t.clone())])  # type: ignore[operator]
-            if loaded is not None and not loaded:
-                raise ResolveError(f"{name}: vLLM loaded nothing for a name it accepted when probed; the engine is torn")
+            if name in self._pairs:
+                self._load_pair(name, t, hits)
+            else:
+                self._load(name, t, modules)
 
         return load
 
-    def _begin_reload(self) -> None:
-        if not self._reloading:
-            vllm_reload.initialize_layerwise_reload(self.model)
-            self._reloading = True
+    def _load(self, name: str, t: torch.Tensor, modules: set[str]) -> None:
+        self._reload.begin()
+        self._reload.touched |= modules
+        # The online loaders of layer-wise reload keep the tensor until the whole layer
+        # arrived, which may be after this bucket's memory is reused: give them a copy.
+        with self._context(), torch.no_grad():
+            loaded = self.model.load_weights([(name, t.clone())])  # type: ignore[operator]
+        if loaded is not None and not loaded:
+            raise ResolveError(f"{name}: vLLM loaded nothing for a name it accepted when probed; the engine is torn")
+
+    def _tied_loader(self, output: str, embed: str, hits: list[Hit]) -> Callable[[torch.Tensor], None]:
+        def load(t: torch.Tensor) -> None:
+            if output in self._pairs:
+                self._load_pair(output, t, hits)
+            else:
+                self._load(embed, t, {h.module for h in hits})
+
+        return load
+
+    def _load_pair(self, name: str, t: torch.Tensor, hits: list[Hit]) -> None:
+        """A tied output embedding and its input embedding, both in one push: the first to arrive
+        waits, the second must be bit-identical to it, then the value loads once. A mismatch is
+        only visible once both arrived, after earlier buckets were applied: the push fails and
+        the engine stays torn until a complete push lands (never a silent choice of one)."""
+        other = self._pairs[name]
+        pair = frozenset((name, other))
+        first = self._stash.pop(pair, None)
+        if first is None:
+            self._stash[pair] = (name, t.detach().clone())
+            return
+        a, b = first[1], t.detach()
+        if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)):
+            raise TornStateError(
+                f"{first[0]} and {name} differ, but they are tied (tie_word_embeddings): the output embedding is the "
+                "input embedding. Push equal tensors, or only the input embedding; the engine is torn until a complete push lands"
+            )
+        embed = next((e for o, (e, _) in self._tied.items() if o in pair), name)
+        self._load(embed, b, {h.module for h in hits})
 
     def post_load(self) -> None:
-        """Finish layer-wise reload (runs the quantization / repacking post-load steps), then
-        re-apply pushed KV-cache scales vLLM resets to 1.0 for unquantized caches."""
-        if self._reloading:
-            self._reloading = False
-            with self._context():
-                vllm_reload.finalize_layerwise_reload(self.model, self.vllm_config.model_config)
+        """Finish layer-wise reload (post-load steps, repacking; see vllm_reload), then re-apply
+        pushed KV-cache scales vLLM resets to 1.0 for unquantized caches."""
+        self._stash.clear()
+        with self._context():
+            self._reload.finish()
         for (module, attr), value in self._kv_values.items():
             mod = self.model.get_submodule(module)
             getattr(mod, attr).copy_(value)
@@ -435,10 +573,9 @@ class VllmResolver:
 
     def abandon(self) -> None:
         """A push broke: put back every layer not yet loaded (the engine stays torn)."""
-        if self._reloading:
-            self._reloading = False
-            with self._context():
-                vllm_reload.finalize_layerwise_reload(self.model, self.vllm_config.model_config)
+        self._stash.clear()
+        with self._context():
+            self._reload.finish()
 
     def _context(self) -> Any:
         if self.vllm_config is None:

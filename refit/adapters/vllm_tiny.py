@@ -34,6 +34,30 @@ QWEN2 = {
     "torch_dtype": "float32",
 }
 
+# A Llama whose output embedding is tied to its input embedding (vLLM builds a separate
+# lm_head module sharing the embedding's parameter).
+LLAMA_TIED = {
+    **QWEN2,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+}
+
+# A Qwen3 MoE: 4 experts, top 2, in every layer (the CPU grouped GEMM wants sizes divisible by 32).
+QWEN3_MOE = {
+    **QWEN2,
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "head_dim": 32,
+    "moe_intermediate_size": 64,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "norm_topk_prob": True,
+}
+
 
 def write_config(path: Path, base: dict[str, Any] = QWEN2, **overrides: Any) -> str:
     """Write ``config.json`` for a tiny model into ``path``; returns the directory."""

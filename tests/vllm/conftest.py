@@ -23,13 +23,18 @@ def digests(engine: Any) -> list[str]:
 def refused(engine: Any, state: dict[str, torch.Tensor], version: int) -> str:
     """Push ``state`` in-RPC expecting a refusal; check that no worker's tensors changed;
     return the error message."""
+    return str(refusal(engine, state, version))
+
+
+def refusal(engine: Any, state: dict[str, torch.Tensor], version: int) -> Any:
+    """Like :func:`refused`, returning the ``ResolveError`` (its ``problems`` name the worker)."""
     from refit import ResolveError
 
     before = digests(engine)
     with pytest.raises(ResolveError) as info:
         engine.apply(state, version=version)
     assert digests(engine) == before
-    return str(info.value)
+    return info.value
 
 
 def read(engine: Any, names: list[str]) -> list[dict[str, Any]]:
@@ -60,11 +65,11 @@ def tmp_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("model")
 
 
-def engine_fixture(tmp: Path, **kwargs: Any) -> Iterator[tuple[Any, Any, str]]:
-    """(llm, VllmEngine, model_dir) for a module; shuts the engine down afterwards."""
+def engine_fixture(tmp: Path, config: dict[str, Any] = QWEN2, **kwargs: Any) -> Iterator[tuple[Any, Any, str]]:
+    """(llm, VllmEngine, model_dir) of a tiny ``config`` for a module; shuts the engine down afterwards."""
     from refit.adapters.vllm import VllmEngine
 
-    model_dir = write_config(tmp)
+    model_dir = write_config(tmp, config)
     llm = start_engine(model_dir, **kwargs)
     engine = VllmEngine(llm)
     try:

@@ -88,3 +88,28 @@ def test_async_engine_apply_inside_rpcs(async_engine) -> None:  # type: ignore[n
     reports = AsyncVllmEngine(engine, loop).apply(state, version=7)
     assert [(r.version, r.loaded) for r in reports] == [(7, len(state))]
     assert asyncio.run_coroutine_threadsafe(_greedy(engine), loop).result(120) == hf_greedy(hf)
+
+
+def _documented_async_example() -> str:
+    """The async example of docs/vllm.md, as written (the python block that uses AsyncVllmEngine)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "vllm.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "AsyncVllmEngine(engine" in b]
+    assert len(blocks) == 1, "docs/vllm.md should hold one async example"
+    return blocks[0]
+
+
+def test_documented_async_example_runs_as_written(async_engine) -> None:  # type: ignore[no-untyped-def]
+    """The docs' lines run inside a coroutine on the engine's loop, with ``engine``, ``state``
+    and ``scales`` defined, as a user would paste them."""
+    engine, loop, model_dir = async_engine
+    hf, state = hf_state(model_dir, seed=13)
+    scales = {"model.layers.1.self_attn.v_scale": torch.tensor(0.5)}
+    body = "".join(f"    {line}\n" for line in _documented_async_example().splitlines())
+    namespace: dict = {"Refitter": Refitter}
+    exec(f"import asyncio\nasync def example(engine, state, scales):\n{body}    return report\n", namespace)
+    report = asyncio.run_coroutine_threadsafe(namespace["example"](engine, state, scales), loop).result(300)
+    assert [r.loaded for r in report.receivers] == [len(state) + 1]
+    assert asyncio.run_coroutine_threadsafe(_greedy(engine), loop).result(120) == hf_greedy(hf)

@@ -112,6 +112,26 @@ def test_refusal_leaves_engine_bit_identical(engine, bad, expect):
     assert "vllm-worker-0" in msg
 
 
+@pytest.mark.parametrize(
+    "name, shape, expected",
+    [
+        ("model.layers.0.mlp.up_proj.weight", (300, 128), [256, 128]),
+        ("model.layers.0.self_attn.q_proj.weight", (200, 128), [128, 128]),
+        ("model.layers.0.self_attn.q_proj.bias", (200,), [128]),
+        ("model.layers.0.mlp.down_proj.weight", (128, 300), [128, 256]),
+        ("model.layers.1.mlp.gate_proj.weight", (128, 128), [256, 128]),
+    ],
+    ids=["up-rows", "q-rows", "q-bias", "down-columns", "gate-too-small"],
+)
+def test_wrong_shape_is_refused_with_the_expected_shape(engine, name, shape, expected):
+    # vLLM's loaders narrow an oversized tensor to the parameter without an error; refit
+    # accounts for every pushed element before loading anything.
+    _, handle, model_dir = engine
+    _, state = hf_state(model_dir, seed=4)
+    msg = refused(handle, {**state, name: torch.zeros(shape)}, 97)
+    assert f"{name}: shape {list(shape)}" in msg and f"expected {expected}" in msg, msg
+
+
 def test_partial_layer_is_refused(engine):
     _, handle, model_dir = engine
     _, state = hf_state(model_dir, seed=5)

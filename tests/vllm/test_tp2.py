@@ -10,7 +10,7 @@ pytestmark = pytest.mark.integration
 
 from refit import Refitter  # noqa: E402
 
-from .conftest import engine_fixture, hf_greedy, hf_state, read, refused, vllm_greedy  # noqa: E402
+from .conftest import engine_fixture, hf_greedy, hf_state, read, refusal, refused, vllm_greedy  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -50,3 +50,24 @@ def test_refusal_on_every_rank_leaves_engine_untouched(engine):
     _, state = hf_state(model_dir, seed=13)
     msg = refused(handle, {**state, "model.layers.0.mlp.gate_projj.weight": torch.zeros(256, 128)}, 2)
     assert "vllm-worker-0" in msg and "vllm-worker-1" in msg
+
+
+@pytest.mark.parametrize(
+    "name, shape, expected",
+    [
+        ("model.layers.0.mlp.up_proj.weight", (255, 128), [256, 128]),
+        ("model.layers.0.mlp.up_proj.weight", (128, 128), [256, 128]),
+        ("model.layers.1.mlp.down_proj.weight", (128, 300), [128, 256]),
+        ("model.layers.1.self_attn.k_proj.weight", (96, 128), [64, 128]),
+    ],
+    ids=["up-rows-over", "up-rows-under", "down-columns", "k-rows"],
+)
+def test_wrong_shape_is_refused_by_every_rank(engine, name, shape, expected):
+    # Each rank loads only its shard, so a rank alone cannot see the other rank's rows; every
+    # rank checks the whole tensor against all ranks' shards.
+    _, handle, model_dir = engine
+    _, state = hf_state(model_dir, seed=14)
+    err = refusal(handle, {**state, name: torch.zeros(shape)}, 5)
+    for rank in (0, 1):
+        mine = [p for p in err.problems if p.startswith(f"[vllm-worker-{rank}]")]
+        assert any(f"{name}: shape {list(shape)}" in p and f"expected {expected}" in p for p in mine), (rank, err.problems)
