@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from refit import Lazy, Refitter, ResolveError, TransportError, WireError
+from refit import Lazy, Refitter, ResolveError, TransportError
 from refit.meta import Role, dtype_name
 from refit.plan import PlanEntry, plan
 from refit.transports.base import stream
@@ -252,26 +252,33 @@ def test_two_hundred_pushes_no_leaks() -> None:
     assert stats[-1][1] - stats[20][1] < 30, "receiver memory grew"
 
 
-def test_garbage_frames_are_wire_errors_and_receiver_keeps_serving() -> None:
+def test_garbage_is_answered_and_dropped_and_the_receiver_keeps_waiting() -> None:
+    """Garbage from anyone but the sender of a push in progress never ends a receiver's wait:
+    its sender hears why, and the next real push lands."""
     import msgpack
     import zmq
 
+    from refit.wire import decode
+
     spec = {"w": ((8,), "float32")}
-    with receivers(spec, pushes=4) as [rx]:
+    with receivers(spec, pushes=1) as [rx]:
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(rx.info["address"])
-        sock.send(b"\xc1\x00garbage")
-        assert rx.get("error")[1] == "WireError"
-        sock.send(msgpack.packb({"type": "hello", "push_id": 1, "version": 1}))  # truncated: fields missing
-        assert rx.get("error")[1] == "WireError"
-        sock.send_multipart([b""])
-        assert rx.get("error")[1] == "WireError"
+        for junk, why in (
+            ([b"\xc1\x00garbage"], "not a msgpack"),
+            ([msgpack.packb({"type": "hello", "push_id": 1, "version": 1})], "field"),  # fields missing
+            ([b""], "msgpack"),
+        ):
+            sock.send_multipart(junk)
+            assert sock.poll(10_000), f"no answer to {junk!r}"
+            reply = decode(sock.recv())
+            assert type(reply).__name__ == "Abort" and why in reply.reason.lower(), reply  # type: ignore[union-attr]
         sock.close()
         state = {"w": torch.arange(8.0)}
         with Refitter("zmq", peers=[rx.info["address"]], timeout=20) as r:
             r.push(state)
-        rx.get("report")
+        assert rx.get("report")[0] == "report"  # the first thing the receiver reports: no error
         assert rx.final()[1] == procs.digests(state)
 
 
@@ -336,8 +343,7 @@ def test_stale_abort_does_not_end_the_next_wait_and_bad_hello_is_answered() -> N
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(rx.info()["address"])
     sock.send(msgpack.packb({"type": "hello", "push_id": 77, "version": -1, "digest": "x", "manifest": None, "num_buffers": 2}))
-    with pytest.raises(WireError, match="version"):
-        rx.transport.receive(rx.loader, 5)
+    assert rx.transport.receive(rx.loader, 2) is None  # answered and dropped: the wait goes on
     assert sock.poll(5000)
     reply = decode(sock.recv())
     assert reply.push_id == 77 and "version" in reply.reason  # type: ignore[union-attr]

@@ -245,7 +245,8 @@ class ControlServer:
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.address = self._bind(address)
         self._peer: bytes | None = None  # identity of the sender of the push in progress
-        self._busy = False  # a push is in progress (set inside guard())
+        self._busy = False  # a push is in progress: from its accepted Hello to its end
+        self.strays = 0  # messages dropped as garbage while no push was in progress
         self._pending: tuple[Message, Frames] | None = None  # a Hello that arrived during a push
 
     def _bind(self, address: str) -> str:
@@ -270,8 +271,10 @@ class ControlServer:
         """Next message of the current sender and its extra frames, or None once ``deadline``
         (``time.monotonic()``; None: never) has passed.
 
-        While a push is in progress, other senders are told this receiver is busy. Garbage
-        raises WireError after its sender was told why (with its push id when readable).
+        Only the sender of the push in progress is heard: anyone else is answered that this
+        receiver is busy, and their message is dropped. Garbage is answered with why (with its
+        push id when readable) and dropped, except from the sender of the push in progress,
+        whose stream it breaks (WireError). So no stray or hostile message can end a wait.
         """
         if self._pending is not None:
             got, self._pending = self._pending, None
@@ -282,20 +285,27 @@ class ControlServer:
                 return None
             frames = self.sock.recv_multipart(copy=False)
             ident = frames[0].bytes
-            if len(frames) < 2:
-                raise WireError(f"{self.name}: message with no header frame")
+            if self._busy and ident != self._peer:  # another sender while a push is in progress
+                self._refuse(ident, frames, f"{self.name} is busy with another push")
+                continue
             try:
+                if len(frames) < 2:
+                    raise WireError("message with no header frame")
                 msg = decode(frames[1].buffer)
             except WireError as exc:
-                with contextlib.suppress(zmq.ZMQError):
-                    self.sock.send_multipart([ident, encode(Abort(peek_push_id(frames[1].buffer), f"{self.name}: {exc}"))], flags=zmq.NOBLOCK)
-                raise
-            if self._busy and ident != self._peer:  # another sender while a push is in progress
-                with contextlib.suppress(zmq.ZMQError):
-                    self.sock.send_multipart([ident, encode(Abort(msg.push_id, f"{self.name} is busy with another push"))], flags=zmq.NOBLOCK)
+                self._refuse(ident, frames, f"{self.name}: {exc}")
+                if self._busy:  # the sender of the push in progress garbled its own stream
+                    raise WireError(f"{self.name}: {exc}") from None
+                self.strays += 1
                 continue
             self._peer = ident
             return msg, frames[2:]
+
+    def _refuse(self, ident: bytes, frames: Frames, reason: str) -> None:
+        """Answer a message that is not heard with an Abort saying why (best effort)."""
+        push_id = peek_push_id(frames[1].buffer) if len(frames) >= 2 else 0
+        with contextlib.suppress(zmq.ZMQError):
+            self.sock.send_multipart([ident, encode(Abort(push_id, reason[:1000]))], flags=zmq.NOBLOCK)
 
     def receive(
         self,
@@ -357,13 +367,19 @@ class ControlServer:
             ResolveError: the push was refused (the sender was told; nothing is loaded).
         """
         deadline = _deadline(timeout)
+        self._busy = False  # a new wait: no push is in progress
         while True:
             got = self._next(deadline)
             if got is None:
                 return None
             msg = got[0]
             if isinstance(msg, Hello):
-                return self._accept(loader, msg, push_timeout, on_hello)
+                self._busy = True  # from now on only this Hello's sender is heard
+                try:
+                    return self._accept(loader, msg, push_timeout, on_hello)
+                except BaseException:
+                    self._busy = False
+                    raise
             if not isinstance(msg, Abort):
                 self.reply(Abort(msg.push_id, f"{self.name}: no push in progress"))
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from refit.errors import ResolveError, TransportError
+from refit.errors import ResolveError, TransportError, WireError
 from refit.load import Loader
 from refit.meta import Manifest
 from refit.report import RefitReport
@@ -70,6 +70,11 @@ def _join_group(rdv: Rendezvous, store: torch.distributed.Store, rank: int, devi
     except BaseException as exc:
         mark_failed(store, rdv.group, f"{who} (rank {rank}) could not join: {exc}")
         raise
+
+
+class _BadOffer(TransportError):
+    """A Hello this receiver cannot act on (no or a garbled rendezvous, a group it is not in):
+    refused, and the group it is in, if any, stays (any peer may send such a Hello)."""
 
 
 class _NoGo(TransportError):
@@ -326,15 +331,18 @@ class NcclReceiver(ReceiverTransport):
         """``on_hello``: join the group named in the rendezvous unless already in it."""
         self._in_group = False
         if not hello.extra:
-            raise TransportError(f"{self.name}: the Hello carries no rendezvous; is the sender using transport 'nccl'?")
-        rdv = Rendezvous.decode(hello.extra)
+            raise _BadOffer(f"{self.name}: the Hello carries no rendezvous; is the sender using transport 'nccl'?")
+        try:
+            rdv = Rendezvous.decode(hello.extra)
+        except WireError as exc:
+            raise _BadOffer(f"{self.name}: {exc}") from None
         self._prelude = rdv.prelude
         if self._comm is not None and rdv.group == self._group_id and rdv.rank == self._rank:
             self._in_group = True
             return
-        self._drop_group()
         if not rdv.fresh:  # the sender thinks we are in its group: tell it to build a new one
-            raise TransportError(f"{self.name} is not a member of group {rdv.group} (it failed or restarted); the next push builds a new group")
+            raise _BadOffer(f"{self.name} is not a member of group {rdv.group} (it failed or restarted); the next push builds a new group")
+        self._drop_group()  # a new group is offered: leave the old one
         device = self._device_for(rdv.backend)
         store = client_store(rdv.host, rdv.port, rdv.timeout)
         self._comm = _join_group(rdv, store, rdv.rank, device, self.host, self.name)
@@ -353,6 +361,8 @@ class NcclReceiver(ReceiverTransport):
             hello = self.server.begin(loader, timeout, on_hello=self._join, push_timeout=in_push)
         except ResolveError:
             self._after_refusal()
+            raise
+        except _BadOffer:
             raise
         except BaseException:
             self._drop_group()
