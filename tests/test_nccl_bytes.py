@@ -32,7 +32,7 @@ _WAIT = 20.0
 
 
 class _Done(Handle):
-    def wait(self) -> None:
+    def wait(self, timeout: float | None = None) -> None:
         return None
 
 
@@ -52,9 +52,9 @@ class _Recv(Handle):
     def __init__(self, wire: _Wire, seq: int, ptr: int, n: int) -> None:
         self.wire, self.seq, self.ptr, self.n = wire, seq, ptr, n
 
-    def wait(self) -> None:
+    def wait(self, timeout: float | None = None) -> None:
         with self.wire.cond:
-            if not self.wire.cond.wait_for(lambda: len(self.wire.sent) > self.seq, timeout=_WAIT):
+            if not self.wire.cond.wait_for(lambda: len(self.wire.sent) > self.seq, timeout=min(timeout or _WAIT, _WAIT)):
                 raise TransportError("fake NCCL: the root never broadcast")
             data = self.wire.sent[self.seq]
         ctypes.memmove(self.ptr, data, min(len(data), self.n))

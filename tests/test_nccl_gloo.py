@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import signal
 import time
 import traceback
 from typing import Any
@@ -166,9 +167,13 @@ def sender_worker(cfg: dict[str, Any], addresses: list[str], q: Any) -> None:
         push = [0]
         die_at = cfg.get("die_at")  # (push, bucket): simulate a crash of the sender mid-stream
 
+        freeze_at = cfg.get("freeze_at")  # (push, bucket): the sender stops (SIGSTOP) mid-stream
+
         def progress(done: int, total: int) -> None:
             if die_at is not None and (push[0], done) == tuple(die_at):
                 os._exit(3)
+            if freeze_at is not None and (push[0], done) == tuple(freeze_at):
+                os.kill(os.getpid(), signal.SIGSTOP)  # its sockets stay open: only timeouts can tell
 
         backend = cfg.get("backend", "gloo")
         every = cfg.get("new_sender_every", len(cfg["pushes"]))  # a new Refitter (and group) after that many pushes
@@ -217,7 +222,7 @@ def run_world(receivers: list[dict[str, Any]], sender: dict[str, Any], deadline_
         sp.start()
         procs.append(sp)
         expected = {cfg["name"] for cfg in receivers if cfg.get("die_after") is None}
-        if sender.get("die_at") is None:
+        if sender.get("die_at") is None and sender.get("freeze_at") is None:
             expected.add("sender")
         while not expected <= set(done):
             try:
@@ -229,6 +234,8 @@ def run_world(receivers: list[dict[str, Any]], sender: dict[str, Any], deadline_
         for name, payload in done.items():
             if "crash" in payload:
                 pytest.fail(f"{name} crashed: {payload['crash']}")
+        if sender.get("freeze_at") is not None:
+            sp.kill()  # stopped, never to finish
         for p in procs:
             p.join(timeout=max(1.0, deadline - time.monotonic()))
         return done
@@ -329,6 +336,18 @@ def test_a_new_sender_after_the_last_one_closed() -> None:
     assert [r[:2] for r in out["sender"]["results"]] == [("ok", 1), ("ok", 2), ("ok", 1), ("ok", 2)]
     for name in ("rx0", "rx1"):
         assert [r[3] for r in out[name]["results"]] == [expected_target("small", seed) for seed in range(1, 5)], name
+
+
+def test_a_receiver_bounds_its_waits_by_its_own_timeout() -> None:
+    """The group's timeout is the sender's (30 s here); a receiver whose receive() allows 3 s
+    raises within about 3 s when the sender freezes mid-stream, and is torn at its version."""
+    rxs = [rx_cfg("rx0", "many", 2, wait=3.0)]
+    out = run_world(rxs, {"timeout": 30.0, "pushes": [("many", 1, ()), ("many", 2, ())], "freeze_at": (1, 3)})
+    first, second = out["rx0"]["results"]
+    assert first[:2] == ("ok", 1)
+    kind, message, _, torn, seconds, version = second
+    assert kind == "TransportError" and torn and version == 1, second
+    assert seconds < 3.0 + 3, f"raised after {seconds:.1f} s, the receiver's timeout is 3 s"
 
 
 def test_fifty_pushes_no_leaks() -> None:

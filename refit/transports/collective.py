@@ -233,8 +233,10 @@ class Handle(ABC):
     """One broadcast in flight."""
 
     @abstractmethod
-    def wait(self) -> None:
-        """Block until done (bounded by the group's timeout).
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until done, at most ``timeout`` seconds (None, or more than the group's own
+        timeout: the group's timeout). A caller passes its own, shorter bound: a receiver's
+        ``receive(timeout=...)`` holds even when the sender's group allows longer.
 
         Raises:
             TransportError: the broadcast failed or timed out; the group is unusable.
@@ -334,11 +336,20 @@ class _GlooHandle(Handle):
     def __init__(self, work: Any, comm: GlooCommunicator, what: str) -> None:
         self.work, self.comm, self.what = work, comm, what
 
-    def wait(self) -> None:
+    def wait(self, timeout: float | None = None) -> None:
+        limit = self.comm.timeout if timeout is None else min(timeout, self.comm.timeout)
+        if limit < self.comm.timeout:  # gloo's own wait obeys only the group's timeout: poll
+            deadline, delay = time.monotonic() + limit, 1e-4
+            while not self.work.is_completed():
+                if time.monotonic() > deadline:
+                    self.comm.close()  # aborts the group, so its threads stop waiting too
+                    raise TransportError(f"{self.comm.name}: broadcast of {self.what} did not complete within {limit} s")
+                time.sleep(delay)
+                delay = min(delay * 2, 0.002)
         try:
             self.work.wait()
         except Exception as exc:  # gloo raises RuntimeError / DistError with the peer's address
-            raise TransportError(f"{self.comm.name}: broadcast of {self.what} failed or timed out ({self.comm.timeout} s): {exc}") from None
+            raise TransportError(f"{self.comm.name}: broadcast of {self.what} failed or timed out ({limit} s): {exc}") from None
 
 
 class GlooCommunicator(Communicator):
@@ -378,9 +389,16 @@ class GlooCommunicator(Communicator):
     def close(self) -> None:
         pg, self.pg = self.pg, None
         if pg is not None:
-            # abort first: closes the sockets, so peers blocked on us fail now, not at timeout
-            with contextlib.suppress(Exception):
-                pg.abort()
+            # abort: closes the sockets, so peers blocked on us fail now, not at their timeout.
+            # It waits for an operation still blocked in gloo's thread (until the group's
+            # timeout), so it runs in a daemon thread, which also keeps the group alive until
+            # then (dropping the last reference would wait the same way).
+            threading.Thread(target=_abort_quietly, args=(pg,), name=f"refit-gloo-abort ({self.name})", daemon=True).start()
+
+
+def _abort_quietly(pg: Any) -> None:
+    with contextlib.suppress(Exception):
+        pg.abort()
 
 
 # ---------------------------------------------------------------- NCCL (CuPy)
@@ -405,9 +423,12 @@ class _NcclHandle(Handle):
     def __init__(self, done: torch.cuda.Event, comm: NcclCommunicator, what: str) -> None:
         self.done, self.comm, self.what = done, comm, what
 
-    def wait(self) -> None:
+    def wait(self, timeout: float | None = None) -> None:
         # synchronize() releases the GIL; if the peer never arrives the watchdog aborts the
-        # communicator, NCCL's kernels return and this wakes up.
+        # communicator at the deadline (brought forward to ``timeout`` here), NCCL's kernels
+        # return and this wakes up.
+        if timeout is not None:
+            self.comm.deadline(self.done, timeout)
         self.done.synchronize()
         self.comm.raise_if_failed(self.what)
 
@@ -441,7 +462,7 @@ class NcclCommunicator(Communicator):
             self.comm: Any = nccl_check(f"communicator init ({self.name})", _new_comm, nccl, rdv.world, rdv.unique_id, rank)
         self.stream = torch.cuda.Stream(self.device)
         self._lock = threading.Lock()
-        self._armed: list[tuple[torch.cuda.Event, float, str]] = []
+        self._armed: list[tuple[torch.cuda.Event, float, str, float]] = []  # (done, deadline, what, seconds allowed)
         self.failure: str | None = None
         self._stop = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, name=f"refit-nccl-watchdog-{rdv.group}", daemon=True)
@@ -474,8 +495,15 @@ class NcclCommunicator(Communicator):
         # pack or apply after this broadcast, and the sender could no longer pack bucket k+1
         # while bucket k is on the wire. The buffer is the caller's again once wait() returned.
         with self._lock:
-            self._armed.append((done, time.monotonic() + self.timeout, what))
+            self._armed.append((done, time.monotonic() + self.timeout, what, self.timeout))
         return _NcclHandle(done, self, what)
+
+    def deadline(self, done: torch.cuda.Event, seconds: float) -> None:
+        """Bring the watchdog's deadline for the broadcast that records ``done`` forward to
+        ``seconds`` from now; a later one changes nothing."""
+        at = time.monotonic() + seconds
+        with self._lock:
+            self._armed = [(e, at, w, seconds) if e is done and at < d else (e, d, w, t) for e, d, w, t in self._armed]
 
     def raise_if_failed(self, what: str) -> None:
         if self.failure is not None:
@@ -487,7 +515,7 @@ class NcclCommunicator(Communicator):
             with self._lock:
                 self._armed = [a for a in self._armed if not a[0].query()]
                 late = next((a for a in self._armed if time.monotonic() > a[1]), None)
-            problem = f"broadcast of {late[2]} did not complete within {self.timeout} s" if late else None
+            problem = f"broadcast of {late[2]} did not complete within {late[3]} s" if late else None
             if problem is None and self.comm is not None:
                 try:
                     nccl_check("asynchronous error check", self.comm.check_async_error)

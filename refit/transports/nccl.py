@@ -371,7 +371,7 @@ class NcclReceiver(ReceiverTransport):
             return None
         try:
             with self.server.guard(loader, hello):
-                self._stream(loader, hello)
+                self._stream(loader, hello, in_push)
             return self.server.end(loader, hello, in_push, expect_finish=False)
         except _NoGo:
             raise
@@ -394,7 +394,9 @@ class NcclReceiver(ReceiverTransport):
         except TransportError:
             self._drop_group()
 
-    def _stream(self, loader: Loader, hello: Hello) -> None:
+    def _stream(self, loader: Loader, hello: Hello, timeout: float | None) -> None:
+        """The go word and every bucket; each wait bounded by ``timeout`` (this receiver's
+        own bound) as well as by the group's timeout (the sender's)."""
         comm, go = self._comm, self._go
         manifest = hello.manifest or loader.knows(hello.digest)
         if comm is None or go is None or manifest is None:
@@ -413,7 +415,7 @@ class NcclReceiver(ReceiverTransport):
         if self._prelude:
             post(0)  # bucket 0 arrives while the go word is decided; applied only after a go
         t0 = time.perf_counter()
-        comm.broadcast(go, "go word").wait()
+        comm.broadcast(go, "go word").wait(timeout)
         push_id, ok = (int(x) for x in go.view(torch.int64).tolist())
         loader.note("go", time.perf_counter() - t0)
         if not ok:
@@ -428,7 +430,7 @@ class NcclReceiver(ReceiverTransport):
             if handle is not None:
                 t0 = time.perf_counter()
                 try:
-                    handle.wait()
+                    handle.wait(timeout)
                 except TransportError as exc:
                     raise TransportError(f"{self.name}: {exc} [phase buckets, bucket {i} of {n}; sender is rank 0]") from None
                 loader.note("wait", time.perf_counter() - t0)
