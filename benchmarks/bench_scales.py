@@ -1,9 +1,11 @@
 """What do 10,000 0-d scales add to a push? (issue: < 5 ms of plan + pack + unpack on CPU)
 
 Measures, in one run, a push of the same weights without scales, with N 0-d float32 scales
-updated in place (quantizer buffers), and with N new scale tensors every push (``amax / 448``
-computed at refit time); the three alternate, so the scales are not warm in the CPU caches from
-the push before, as in training:
+updated in place (quantizer buffers), with N new scale tensors every push (``amax / 448``
+computed at refit time), and with the in-place scales carried inside the state (a QAT or
+ModelOpt ``state_dict()``: found by name); the four alternate, so the scales are not warm in the
+CPU caches from the push before, as in training. Every push compares each scale's dtype, type,
+bits, shape and address with the cached layout's and checks every value:
   - sender: input validation + plan (layout cached between pushes, as in training) + pack,
   - receiver: unpack and validate, as strided views of the runs of scales (what the loader
     validates) and, on top, as one 0-d view per scale (what a non-persistent receiver
@@ -83,10 +85,14 @@ def main() -> None:
     bucket = 64 << 20
 
     # Sender: the pushes alternate, so drift in the machine's speed hits them alike.
-    kinds = ("without", "in_place", "new_tensors")
+    # "in_state": the same scales updated in place, carried inside the state (a QAT / ModelOpt
+    # state_dict()): found by name, then read and checked as in "in_place".
+    kinds = ("without", "in_place", "new_tensors", "in_state")
     senders = {kind: PackOnly(dev) for kind in kinds}
     refitters = {kind: Refitter(senders[kind], bucket_bytes=bucket, num_buffers=1) for kind in kinds}  # the real path
-    given: dict[str, dict[str, torch.Tensor] | None] = {"without": None, "in_place": scales, "new_tensors": None}
+    given: dict[str, dict[str, torch.Tensor] | None] = {"without": None, "in_place": scales, "new_tensors": None, "in_state": None}
+    states = {kind: weights for kind in kinds}
+    states["in_state"] = {**weights, **scales}
     times: dict[str, list[float]] = {kind: [] for kind in kinds}
     for i in range(args.repeat + 1):  # the first round warms up
         for kind in kinds:
@@ -95,11 +101,11 @@ def main() -> None:
                 given[kind] = {k: v * 1.0 for k, v in scales.items()}
             sync(dev)
             t0 = time.perf_counter()
-            refitters[kind].push(weights, given[kind])
+            refitters[kind].push(states[kind], given[kind])
             sync(dev)
             if i:
                 times[kind].append(time.perf_counter() - t0)
-    s_without, s_with, s_new = (median(times[kind]) for kind in kinds)
+    s_without, s_with, s_new, s_state = (median(times[kind]) for kind in kinds)
     snd = senders["in_place"]
 
     # receiver side, on the bucket the sender packed: unpack + validate every scale
@@ -141,9 +147,11 @@ def main() -> None:
         "sender_push_without_scales_ms": s_without * 1e3,
         "sender_push_with_scales_ms": s_with * 1e3,
         "sender_push_with_new_scale_tensors_ms": s_new * 1e3,
+        "sender_push_scales_in_state_ms": s_state * 1e3,
         "receiver_unpack_runs_validate_ms": r_runs * 1e3,
         "receiver_unpack_per_scale_views_ms": r_each * 1e3,
         "extra_with_run_views_ms": (sender_extra + r_runs) * 1e3,
+        "extra_in_state_with_run_views_ms": (s_state - s_without + r_runs) * 1e3,
         "extra_with_per_scale_views_ms": (sender_extra + r_each) * 1e3,
         "extra_new_tensors_with_run_views_ms": (s_new - s_without + r_runs) * 1e3,
         "receiver_apply_all_ms": r_apply * 1e3,

@@ -1,23 +1,23 @@
 """Input validation for a push: ``state`` and ``scales`` -> plan entries and sources.
 
 Every bad entry is collected and reported at once (names, types, layouts, dtypes, scale
-values); nothing is sent for an invalid push. Scales are planned first, so receivers validate
+values); nothing is sent for an invalid push. Scales and amax are found by name wherever they
+are (``scales``, or inside ``state``, as a QAT or ModelOpt ``state_dict()`` carries them; see
+``refit.scales.is_quant_state``), checked by one rule and planned first, so receivers validate
 them before they apply any weight.
 
 Scales are the hot spot of pushes with many small tensors, so their layout is remembered
-between pushes. Every push compares each scale's data pointer and rank with the layout's (one
-C-level pass each, no Python per scale). Scales in the same memory (quantizer buffers updated
-in place, or new 0-d views of one flat buffer) are read with one operation per run at their
-addresses (see ``gather.py``), then validated and packed as a stacked block (see ``scales.py``).
-The layout built from a push's scales keeps their memory allocated until a push with other
-scales (or ``Refitter.close``), so an equal address is the same memory. Scales that are new
-tensors every push (``amax / 448`` computed at refit time) are checked in bulk for the layout's
-types, dtypes and devices, and the layout is aimed at their memory without keeping it; from then
-on dtypes are compared every push too. Anything else (other names or order, a scale given other
-memory, rank or dtype, a value that is not a tensor) builds the layout again with every
-per-tensor check. Not noticed while the layout keeps the memory: a scale handed over as another
-dtype of the same size over the same memory (``t.view(torch.int32)``); its bytes are sent as
-the layout's dtype. Comparing dtypes every push would cost about 1 ms per 10,000 scales.
+between pushes. Every push compares, for every scale, everything that decides the value read at
+its address (Python type, dtype, device, negative / conjugate / zero-tensor bits, shape and
+strides: one C++ loop, see ``signature.py``), then its data pointer (one C-level pass): a cached
+layout never sends a value other than the one handed over. Scales in the same memory (quantizer
+buffers updated in place, or new 0-d views of one flat buffer) are read with one operation per
+run at their addresses (see ``gather.py``), then validated and packed as a stacked block (see
+``scales.py``). The layout built from a push's scales keeps their memory allocated until a push
+with other scales (or ``Refitter.close``). Scales that are new tensors every push (``amax /
+448`` computed at refit time) of the same signature are read once the layout is aimed at their
+memory, without keeping it. Anything else (other names or order, another dtype, rank, type or
+bit, a value that is not a tensor) builds the layout again with every per-tensor check.
 
 Likewise a state whose names and tensor objects are those of the previous push is not
 re-checked (a tensor resized in place since then fails loudly at pack time, never silently).
@@ -29,6 +29,7 @@ import operator
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import compress
 from typing import Any
 
 import torch
@@ -38,7 +39,8 @@ from refit.gather import Gather
 from refit.meta import DTYPE_NAMES, Role, TensorMeta, dtype_name
 from refit.pack import Lazy
 from refit.plan import PlanEntry
-from refit.scales import MIN_RUN, amax_mask, run_problems, value_problem
+from refit.scales import MIN_RUN, amax_mask, is_quant_state, run_problems, value_problem
+from refit.signature import Signature
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _STRIDED = torch.strided
@@ -88,57 +90,51 @@ class _ScaleLayout:
     """What is remembered of the scales between pushes."""
 
     names: tuple[str, ...]
-    where: tuple[list[int], list[int]]  # every scale's data_ptr and rank
+    pointers: list[int]  # every scale's data_ptr
+    signature: Signature  # everything else of every scale that decides the value read at its address
     entries: list[PlanEntry]
     groups: list[tuple[int, int]]  # [start, end) of stacked blocks
     gathers: list[Gather]  # per group: reads its scales
     masks: list[torch.Tensor | None]
     singles: list[int]  # scales validated one by one
     position: dict[str, tuple[int, int]]
-    dtypes: list[torch.dtype]
-    devices: list[torch.device]
-
-    @property
-    def holds_storages(self) -> bool:
-        """The gathers keep the scales' memory allocated (else nothing is kept)."""
-        return all(g.held is not None for g in self.gathers)
 
     def follow(self, values: list[Any]) -> bool:
         """Whether this layout reads ``values`` (the scales of a push with the same names).
 
-        Scales in the same memory are read where they are; scales in other memory (new
-        tensors every push) of the same types, dtypes, devices and ranks are read once the
-        gathers are aimed at them (keeping nothing: from then on, dtypes are compared every
-        push). Anything else needs a new layout.
+        Every push, each scale's type, dtype, device, bits, shape and strides are compared
+        with the layout's (one C++ loop, see ``signature.py``), then its data pointer. Scales
+        in the same memory are read where they are; scales in other memory (new tensors every
+        push) are read once the gathers are aimed at them (keeping nothing). Anything else
+        needs a new layout.
         """
-        try:
-            where = _where(values)
-        except (TypeError, RuntimeError):  # not a tensor, or one without storage: check it properly
+        if not self.signature.matches(values):
             return False
-        if where[1] != self.where[1] or not all(values[i].shape == self.entries[i].shape for i in self.singles):
-            return False
-        if where[0] == self.where[0]:  # the same memory (so the same devices)
-            if self.holds_storages:  # no other tensor can sit at these addresses
-                return all(values[i].dtype == self.entries[i].dtype for i in self.singles)
-            return list(map(_DTYPE_OF, values)) == self.dtypes
-        if not _PLAIN_TYPES.issuperset(map(type, values)):
-            return False
-        if list(map(_DTYPE_OF, values)) != self.dtypes or list(map(_DEVICE_OF, values)) != self.devices:
-            return False
-        self.gathers = [Gather(values[s:e], where[0][s:e], hold=False) for s, e in self.groups]
-        self.where = where
+        pointers = _pointers(values)
+        if pointers != self.pointers:
+            self.gathers = [Gather(values[s:e], pointers[s:e], hold=False) for s, e in self.groups]
+            self.pointers = pointers
         return True
 
 
-_PLAIN_TYPES = frozenset(_PLAIN)
-_DTYPE_OF, _DEVICE_OF = operator.attrgetter("dtype"), operator.attrgetter("device")
-_SHAPE_OF = operator.attrgetter("shape")
-_PTR_OF, _DIM_OF = torch.Tensor.data_ptr, torch.Tensor.dim
+_PTR_OF = torch.Tensor.data_ptr
+_DTYPE_OF, _SHAPE_OF = operator.attrgetter("dtype"), operator.attrgetter("shape")
+_IS_NEG = torch.Tensor.is_neg
 
 
-def _where(values: list[Any]) -> tuple[list[int], list[int]]:
-    """Data pointers and ranks of ``values`` (C-level loops)."""
-    return list(map(_PTR_OF, values)), list(map(_DIM_OF, values))
+def _pointer(value: torch.Tensor) -> int:
+    try:
+        return value.data_ptr()
+    except RuntimeError:  # a tensor without storage (a wrapper subclass): read one by one, never by address
+        return 0
+
+
+def _pointers(values: list[torch.Tensor]) -> list[int]:
+    """Data pointers of ``values`` (a C-level loop; 0 for a tensor without storage)."""
+    try:
+        return list(map(_PTR_OF, values))
+    except RuntimeError:
+        return list(map(_pointer, values))
 
 
 def _signature(values: list[Any]) -> tuple[list[Any], list[Any]]:
@@ -152,11 +148,30 @@ def _same_objects(refs: list[weakref.ref[Any]], values: list[Any]) -> bool:
     return len(refs) == len(values) and all(map(operator.is_, [r() for r in refs], values))
 
 
+@dataclass
+class _Split:
+    """Which entries of a state (by its names) are scales or amax, remembered between pushes."""
+
+    names: tuple[str, ...]
+    quant: list[bool]  # per entry
+    keep: list[bool]  # the others
+    picked: tuple[str, ...]  # the names of the scales and amax
+
+
+def _pairs(state: Iterable[Any]) -> list[tuple[str, Any]]:
+    pairs = list(state)
+    for pair in pairs:
+        if not isinstance(pair, tuple) or len(pair) != 2:
+            raise PlanError(f"state must be a mapping or an iterable of (name, tensor) pairs, got {pair!r:.80}")
+    return pairs
+
+
 class Collector:
     """Validates push input; remembers the scales' layout between pushes."""
 
     def __init__(self) -> None:
         self._layout: _ScaleLayout | None = None  # the last scales' layout (may hold their memory)
+        self._split: _Split | None = None  # which entries of the last mapping state are scales
         # the last state (names and tensor objects) and what it gave, reused when the same
         # tensors come again (e.g. the same parameters every step)
         self._last: tuple[_ScaleLayout | None, tuple[str, ...], list[weakref.ref[Any]], list[PlanEntry], tuple[list[Any], list[Any]]] | None = None
@@ -164,25 +179,38 @@ class Collector:
     def __call__(self, state: StateLike, scales: Mapping[str, torch.Tensor] | None) -> Collected:
         """Validate ``state`` and ``scales``.
 
+        Scales and amax inside ``state`` (by name, :func:`refit.scales.is_quant_state`) are
+        checked and planned with ``scales``, ahead of the weights. A :class:`Lazy` one cannot be
+        checked here (its value exists only once it is packed): receivers check it.
+
         Raises:
             PlanError: listing every bad entry: non-tensor values, duplicate names, sparse or
-                meta tensors, dtypes that cannot travel, non-finite or non-positive scales.
+                meta tensors, dtypes that cannot travel, non-finite or non-positive scales,
+                negative or non-finite amax.
         """
         if scales is not None and not isinstance(scales, Mapping):
             raise PlanError(f"scales must be a mapping of name -> tensor, got {type(scales).__name__}")
         if isinstance(state, torch.nn.Module):
             raise PlanError("pass module.state_dict() (or named_parameters()), not the module itself")
         problems: list[str] = []
-        layout, blocks = self._scales(scales or {}, problems)
-        sources: dict[str, torch.Tensor | Lazy] = dict(scales or {}) if layout is not None else {}
+        names, values, sources, state = self._quant_state(state, scales or {})
+        layout, blocks = self._scales(names, values, problems)
         if isinstance(state, Mapping) and not problems:
-            names, values = tuple(state), list(state.values())
+            state_names, state_values = tuple(state), list(state.values())
             last = self._last
-            if last is not None and last[0] is layout and last[1] == names and _same_objects(last[2], values) and last[4] == _signature(values):
+            if (
+                last is not None
+                and last[0] is layout
+                and last[1] == state_names
+                and _same_objects(last[2], state_values)
+                and last[4] == _signature(state_values)
+            ):
                 # the same tensors as last push: nothing to re-check
-                sources.update(zip(names, values))
+                sources.update(zip(state_names, state_values))
                 return Collected(last[3], sources, blocks)
         entries = list(layout.entries) if layout else []
+        lazy_scales: list[PlanEntry] = []  # planned right after the scales, checked by receivers
+        reusable = True
         items = state.items() if isinstance(state, Mapping) else state
         for pair in items:
             if not isinstance(pair, tuple) or len(pair) != 2:
@@ -192,34 +220,73 @@ class Collector:
                 problems.append(f"{name}: appears more than once (in state and/or scales)")
             elif isinstance(value, Lazy):
                 sources[name] = value
-                entries.append(PlanEntry(name, value.shape, value.dtype, Role.WEIGHT))
-            elif type(value) in _PLAIN and value.dtype in DTYPE_NAMES and value.layout == _STRIDED and not value.is_meta:
+                if _is_quant(name):
+                    lazy_scales.append(PlanEntry(name, value.shape, value.dtype, Role.SCALE))
+                else:
+                    entries.append(PlanEntry(name, value.shape, value.dtype, Role.WEIGHT))
+            elif type(value) in _PLAIN and value.dtype in DTYPE_NAMES and value.layout == _STRIDED and not value.is_meta and not _IS_NEG(value):
                 sources[name] = value  # fast path: a dense tensor of a dtype that travels (pack copies under no_grad)
                 entries.append(PlanEntry(name, value.shape, value.dtype, Role.WEIGHT))
             elif bad := _check_tensor(name, value):
                 problems.append(bad)
             else:
+                if value.is_neg():  # type: ignore[union-attr]
+                    # torch's negative bit: pack copies raw bits, so the value is resolved here (a copy)
+                    value, reusable = value.resolve_neg(), False  # type: ignore[union-attr]
                 sources[name] = value  # type: ignore[assignment]
                 entries.append(PlanEntry(name, value.shape, value.dtype, Role.WEIGHT))  # type: ignore[union-attr]
         if problems:
             raise PlanError("invalid push input; nothing was sent:\n" + problem_list(problems))
-        if isinstance(state, Mapping):
+        if lazy_scales:
+            n = len(layout.entries) if layout else 0
+            entries[n:n] = lazy_scales
+        self._last = None
+        if isinstance(state, Mapping) and reusable:
             try:  # weak references: the Collector must not keep a trainer's tensors alive between pushes
-                values = list(state.values())
-                self._last = (layout, tuple(state), [weakref.ref(v) for v in values], entries, _signature(values))
+                state_values = list(state.values())
+                self._last = (layout, tuple(state), [weakref.ref(v) for v in state_values], entries, _signature(state_values))
             except TypeError:  # a value that cannot be weakly referenced: no reuse
-                self._last = None
+                pass
         return Collected(entries, sources, blocks)
 
     def clear(self) -> None:
         """Forget what was remembered of the last push (and release the scales' memory)."""
         self._layout = None
+        self._split = None
         self._last = None
 
-    def _scales(self, scales: Mapping[str, torch.Tensor], problems: list[str]) -> tuple[_ScaleLayout | None, ScaleBlocks | None]:
-        if not scales:
-            return None, None
+    def _quant_state(self, state: StateLike, scales: Mapping[str, torch.Tensor]) -> tuple[tuple[str, ...], list[Any], dict[str, Any], StateLike]:
+        """The scales to check and plan as scales: ``scales``, then the scales and amax inside
+        ``state`` (tensors; a Lazy one stays in state). Returns their names, values, a sources
+        dict holding them, and the rest of ``state``."""
         names, values = tuple(scales), list(scales.values())
+        if isinstance(state, Mapping):
+            state_names = tuple(state)
+            split = self._split
+            if split is None or split.names != state_names:  # by name: the same names, the same split
+                quant = list(map(_is_quant, state_names))
+                split = self._split = _Split(state_names, quant, [not q for q in quant], tuple(compress(state_names, quant)))
+            if not split.picked:
+                return names, values, dict(scales), state
+            state_values = list(state.values())
+            picked_names, picked = split.picked, list(compress(state_values, split.quant))
+            keep = split.keep
+            if any(issubclass(t, Lazy) for t in set(map(type, picked))):  # a Lazy scale stays in state (C-level scan)
+                quant = [q and not isinstance(v, Lazy) for q, v in zip(split.quant, state_values)]
+                keep = [not q for q in quant]
+                picked_names, picked = tuple(compress(state_names, quant)), list(compress(state_values, quant))
+            rest: StateLike = dict(zip(compress(state_names, keep), compress(state_values, keep)))
+        else:
+            pairs = _pairs(state)
+            quant = [_is_quant(n) and not isinstance(v, Lazy) for n, v in pairs]
+            rest = [p for p, q in zip(pairs, quant) if not q]
+            picked_names, picked = tuple(n for (n, _), q in zip(pairs, quant) if q), [v for (_, v), q in zip(pairs, quant) if q]
+        names, values = names + picked_names, values + picked
+        return names, values, dict(zip(names, values)), rest
+
+    def _scales(self, names: tuple[str, ...], values: list[Any], problems: list[str]) -> tuple[_ScaleLayout | None, ScaleBlocks | None]:
+        if not names:
+            return None, None
         layout = self._layout
         if layout is None or layout.names != names or not layout.follow(values):
             layout = self._new_layout(names, values, problems)
@@ -242,6 +309,12 @@ class Collector:
     def _new_layout(self, names: tuple[str, ...], values: list[torch.Tensor], problems: list[str]) -> _ScaleLayout | None:
         entries: list[PlanEntry] = []
         n_bad = len(problems)
+        if len(set(names)) != len(names):  # a name in scales and state, or twice in a state of pairs
+            seen: set[str] = set()
+            for name in names:
+                if name in seen:
+                    problems.append(f"{name}: appears more than once (in state and/or scales)")
+                seen.add(name)
         for name, value in zip(names, values):
             if bad := _check_tensor(name, value):
                 problems.append(bad)
@@ -270,7 +343,10 @@ class Collector:
             i = j
         position = {names[x]: (g, x - s) for g, (s, e) in enumerate(groups) for x in range(s, e)}
         masks = [amax_mask(names[s:e], values[s].device) for s, e in groups]
-        where = _where(values)
-        gathers = [Gather(values[s:e], where[0][s:e]) for s, e in groups]
-        dtypes, devices = list(map(_DTYPE_OF, values)), list(map(_DEVICE_OF, values))
-        return _ScaleLayout(names, where, entries, groups, gathers, masks, singles, position, dtypes, devices)
+        pointers = _pointers(values)
+        gathers = [Gather(values[s:e], pointers[s:e]) for s, e in groups]
+        return _ScaleLayout(names, pointers, Signature(values), entries, groups, gathers, masks, singles, position)
+
+
+def _is_quant(name: object) -> bool:
+    return isinstance(name, str) and is_quant_state(name)

@@ -8,10 +8,10 @@ when it is made) and reads the scales with one ``index_select`` at their offsets
 about 10 us. Only the indexed elements are ever read.
 
 The caller guarantees, at every read, that each address is the data pointer of a live 0-d
-tensor of the gather's dtype (or of one of its size that shares the memory): :mod:`refit.collect`
-compares every scale's data pointer and rank with those the gather was made for, every push,
-and either the gather holds the tensors' memory (so no other tensor can take an address) or
-dtypes are compared too. Where no window can be made, or the raw memory is not the value (a
+tensor of the gather's dtype, type and bits, so that the raw memory read is its value:
+:mod:`refit.collect` compares every scale's data pointer and signature (``signature.py``: type,
+dtype, device, negative / conjugate / zero-tensor bits, shape, strides) with those the gather
+was made for, every push. Where no window can be made, or the raw memory is not the value (a
 tensor with torch's negative bit, a tensor with no memory), the tensors are stacked instead:
 same values, slower.
 """
@@ -56,7 +56,7 @@ class Gather:
         pointers: their data pointers.
         hold: keep a 1-d view of each tensor, which keeps its memory allocated even if the
             tensor is given other memory (``.data = ...``) or dropped. Without it nothing is
-            kept, and the caller compares dtypes as well as data pointers and ranks every read.
+            kept (for new tensors every push, whose memory the trainer owns).
     """
 
     def __init__(self, values: list[torch.Tensor], pointers: list[int], *, hold: bool = True) -> None:
@@ -81,7 +81,7 @@ class Gather:
 
     def __call__(self, values: list[torch.Tensor]) -> torch.Tensor:
         """The values now of ``values`` (the tensors the gather was made for, or tensors of the
-        same dtype at the same addresses), as a new 1-D tensor."""
+        same signature at the same addresses), as a new 1-D tensor."""
         if self._window is not None:
             return self._window.index_select(0, self._index).view(self.dtype)  # type: ignore[arg-type]
         with torch.inference_mode():  # only read: the cheapest mode

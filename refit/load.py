@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 import torch
 
 from refit.errors import ResolveError, TornStateError, WireError, problem_list
-from refit.meta import Manifest, Role, TensorMeta
+from refit.meta import Manifest, TensorMeta
 from refit.pack import CopyPlan, bucket_view, chunk_of, copy_many
 from refit.report import RefitReport
 from refit.resolve import Placement, Resolution, Resolver
-from refit.scales import amax_mask, run_problems, run_view, value_problem
+from refit.scales import amax_mask, is_checked, run_problems, run_view, value_problem
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class _BucketPlan:
             meta, res = step.meta, step.res
             v = bucket_view(bucket, meta)
             last = meta.chunk == meta.chunks - 1
-            if meta.role is Role.SCALE:
+            if is_checked(meta):  # a scale or amax, by role or by name
                 self.checks.append((meta.name, v, None))
             if res.placement is Placement.REMOTE:
                 self.remote += last
@@ -121,8 +121,9 @@ def _bucket_steps(metas: Sequence[TensorMeta], pieces: Sequence[tuple[int, int, 
         part = resolutions[i:j]
         if is_run and all(r.placement is Placement.LOCAL and r.dest is not None for r in part):
             run = tuple(metas[i:j])
-            scale = all(m.role is Role.SCALE for m in run)
-            if scale or all(m.role is Role.WEIGHT for m in run):
+            checked = list(map(is_checked, run))  # scales and amax, by role or by name: validated
+            scale = all(checked)
+            if scale or not any(checked):
                 dests = [r.dest for r in part if r.dest is not None]
                 devices = {d.device for d in dests}
                 device = devices.pop() if len(devices) == 1 else None
@@ -169,6 +170,10 @@ class Loader:
         self._prepared: tuple[str, list[list[Step]], int] | None = None  # digest, steps, local entries
         self._bucket_plans: dict[tuple[int, int, int, torch.device], _BucketPlan] = {}  # for persistent buffers
         self._torn_keys: set[str] = set()  # what broken pushes may have half-written
+        #: True when no bucket handed to ``apply`` is ever written again (a fresh frame per
+        #: bucket, kept alive by its views): a resolver may then keep views of it past
+        #: ``apply`` instead of copying them (see ``Resolver``'s optional ``end_bucket``).
+        self.buckets_stay = False
 
     def knows(self, digest: str) -> Manifest | None:
         """The manifest of a layout this loader has accepted before, by digest."""
@@ -322,6 +327,9 @@ class Loader:
             copy_many([chunk_of(whole, meta)], [view])
             if meta.chunk == meta.chunks - 1:
                 load(push.staging.pop(meta.name))
+        end_bucket = getattr(self.resolver, "end_bucket", None)
+        if end_bucket is not None:  # a resolver that batches its loads per bucket
+            end_bucket(bucket, keep_views=self.buckets_stay and not persistent)
         push.applied += plan.applied
         push.remote += plan.remote
         push.next_bucket += 1

@@ -45,7 +45,14 @@ class Resolution:
 
 
 class Resolver(Protocol):
-    """What a receiver needs to know about its target."""
+    """What a receiver needs to know about its target.
+
+    Optional: ``end_bucket(bucket, *, keep_views: bool)``, called after each bucket's entries
+    were handed to their ``load`` callables, lets a resolver batch a bucket's loads (the vLLM
+    adapter makes one ``load_weights`` call per bucket). Until it returns, the views given to
+    ``load`` stay valid; past it, only when ``keep_views`` is True (the bucket's memory is never
+    written again, see ``Loader.buckets_stay``).
+    """
 
     def resolve(self, meta: TensorMeta) -> Resolution:
         """Classify one manifest entry (called once per tensor, before any byte is loaded)."""

@@ -201,22 +201,21 @@ def test_scales_that_change_are_checked_again(memory: str) -> None:
 
 
 def test_same_memory_as_another_dtype_of_its_size() -> None:
-    """``.data = t.data.view(int32)``: same address, same size, other dtype. While the layout
-    keeps the scales' memory this is not compared (documented): the bytes go out as the
-    layout's dtype, unchanged. Once it follows new tensors (keeping nothing), it is caught."""
+    """``.data = t.data.view(int32)``: same address, same size, other dtype. Whether the layout
+    keeps the scales' memory or follows new tensors, the int32 is sent as int32 (and refused by
+    the float32 target), never as the layout's float32 (see ``tests/test_scale_views.py``)."""
     name = "l3.weight_scale"
-    scales = many_scales(40)
-    target = {k: torch.zeros_like(v) for k, v in scales.items()}
-    r = Refitter("local", target=target)
-    r.push({}, scales)
-    scales[name].data = scales[name].data.view(torch.int32)
-    r.push({}, scales)
-    assert same_bits(target[name].view(torch.int32), scales[name])
-    scales = {k: v.clone() for k, v in many_scales(40).items()}  # new tensors: followed
-    r.push({}, scales)
-    scales[name].data = scales[name].data.view(torch.int32)
-    with pytest.raises(ResolveError, match=f"{name}: dtype torch.int32"):
+    for follow in (False, True):
+        scales = many_scales(40)
+        target = {k: torch.zeros_like(v) for k, v in scales.items()}
+        r = Refitter("local", target=target)
         r.push({}, scales)
+        if follow:  # new tensors: the layout is aimed at them, keeping nothing
+            scales = {k: v.clone() for k, v in scales.items()}
+            r.push({}, scales)
+        scales[name].data = scales[name].data.view(torch.int32)
+        with pytest.raises(ResolveError, match=f"{name}: dtype torch.int32 does not match target torch.float32"):
+            r.push({}, scales)
 
 
 def test_subclass_scales_are_read_one_by_one() -> None:
