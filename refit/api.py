@@ -12,8 +12,9 @@ from typing import Any
 import torch
 
 from refit.collect import Collector, StateLike
-from refit.errors import RefitError
+from refit.errors import PlanError, RefitError
 from refit.meta import Manifest
+from refit.options import check_options, check_timeout
 from refit.plan import DEFAULT_ALIGNMENT, DEFAULT_BUCKET_BYTES, PlanEntry, check_layout_options, plan
 from refit.report import RefitReport
 from refit.transports.base import EngineHandle, Progress, Sender, load_transport, stream
@@ -58,19 +59,27 @@ class Refitter:
         **options: Any,
     ) -> None:
         check_layout_options(bucket_bytes, alignment)
-        if not isinstance(num_buffers, int) or not 1 <= num_buffers <= 64:
+        if isinstance(num_buffers, bool) or not isinstance(num_buffers, int) or not 1 <= num_buffers <= 64:
             raise RefitError(f"num_buffers must be an int in [1, 64], got {num_buffers!r}")
+        timeout = check_timeout(timeout, "timeout")  # type: ignore[assignment]
+        if progress is not None and not callable(progress):
+            raise RefitError(f"progress must be a callable progress(buckets_done, buckets_total), got {type(progress).__name__}")
         self.engine, self.timeout = engine, timeout
         if isinstance(transport, Sender):
+            if options:
+                raise RefitError(f"options {sorted(options)} go to the transport's constructor; pass them there, not with a ready Sender")
             self.sender = transport
         elif engine is not None:
             module = load_transport(transport)
+            # checked before the workers are told to join, not after
+            check_options(module.Transport, options, f"transport {transport!r}")  # type: ignore[attr-defined]
             infos = engine.open(transport, dict(receiver_options or {}))
             self.sender = module.Transport.for_receivers(infos, timeout=timeout, **options)  # type: ignore[attr-defined]
         else:
             module = load_transport(transport)
             if transport != "local":
                 options.setdefault("timeout", timeout)
+            check_options(module.Transport, options, f"transport {transport!r}")  # type: ignore[attr-defined]
             self.sender = module.Transport(**options)  # type: ignore[attr-defined]
         self.transport = transport if isinstance(transport, str) else type(transport).__name__
         self.bucket_bytes, self.alignment, self.num_buffers = bucket_bytes, alignment, num_buffers
@@ -107,6 +116,8 @@ class Refitter:
         """
         t0 = time.perf_counter()
         got = self._collect(state, scales)
+        if not got.entries:
+            raise PlanError("nothing to push: state and scales are both empty; nothing was sent")
         manifest = self.plan(got.entries)
         v = next(self._versions) if version is None else version
         if not isinstance(v, int) or not 0 <= v < 1 << 63:

@@ -32,6 +32,11 @@ class PlanEntry(NamedTuple):
     role: Role = Role.WEIGHT
 
 
+#: Longest tensor name a push carries (characters): receivers refuse longer ones on the wire,
+#: so the sender refuses them first, naming the tensor.
+MAX_NAME_LEN = 4096
+
+
 def check_layout_options(bucket_bytes: int, alignment: int) -> None:
     """Validate bucket size and alignment; raises :class:`PlanError` with the fix."""
     if not isinstance(alignment, int) or alignment < MIN_ALIGNMENT or alignment & (alignment - 1):
@@ -59,8 +64,9 @@ def plan(
         The :class:`Manifest`; an empty state gives a manifest with no bucket.
 
     Raises:
-        PlanError: duplicate or empty names, negative dimensions, dtypes that cannot travel,
-            or invalid options; every bad entry is listed.
+        PlanError: duplicate, empty or over-long names (more than ``MAX_NAME_LEN``
+            characters, or a NUL), negative dimensions, dtypes that cannot travel, or invalid
+            options; every bad entry is listed.
 
     Example:
         >>> m = plan([PlanEntry("w", (4, 4), torch.float32)], bucket_bytes=1024)
@@ -79,6 +85,9 @@ def plan(
         name, shape, dtype, role = entry
         if not isinstance(name, str) or not name:
             problems.append(f"{name!r}: names must be non-empty strings")
+            continue
+        if len(name) > MAX_NAME_LEN or "\x00" in name:
+            problems.append(f"{name[:80]!r}... ({len(name)} characters): names must have at most {MAX_NAME_LEN} characters and no NUL")
             continue
         if name in seen:
             problems.append(f"{name}: duplicate name (each tensor may appear once per push)")

@@ -14,6 +14,7 @@ import torch
 
 from refit.errors import RefitError, TransportError
 from refit.load import Loader
+from refit.options import check_options, check_timeout
 from refit.report import RefitReport
 from refit.resolve import Resolver, TensorsResolver
 from refit.transports.base import ReceiverTransport, load_transport
@@ -48,12 +49,14 @@ class RefitReceiver:
         push_timeout: float = 120.0,
         **options: Any,
     ) -> None:
+        self.push_timeout = check_timeout(push_timeout, "push_timeout")
         resolver = target if hasattr(target, "resolve") else TensorsResolver(target)  # type: ignore[arg-type]
         self.loader = Loader(resolver, require_complete=require_complete, name=name)  # type: ignore[arg-type]
         module = load_transport(transport)
+        check_options(module.Receiver, {"name": name, **options}, f"the {transport!r} receiver")  # type: ignore[attr-defined]
         self.transport: ReceiverTransport = module.Receiver(name=name, **options)  # type: ignore[attr-defined]
-        self.push_timeout = push_timeout
         self._stop = threading.Event()
+        self._closed = False
         self.last_error: RefitError | None = None
 
     @property
@@ -81,6 +84,8 @@ class RefitReceiver:
             TransportError: no push began within ``timeout``, or the stream broke.
             ResolveError: the push was refused; the target is untouched.
         """
+        timeout = check_timeout(timeout, "timeout", allow_none=True)
+        self._check_open()
         report = self.transport.receive(self.loader, timeout, push_timeout=self.push_timeout if timeout is None else timeout)
         if report is None:
             raise TransportError(f"{self.loader.name}: no push began within {timeout} s")
@@ -90,8 +95,17 @@ class RefitReceiver:
         """Serve pushes until :meth:`stop` is called or ``max_pushes`` were committed.
 
         A refused, broken or garbled push does not stop serving; the last such error is kept
-        in :attr:`last_error`.
+        in :attr:`last_error`. :meth:`stop` ends the ``serve`` in progress; a later ``serve``
+        serves again (after :meth:`close`, it raises).
+
+        Raises:
+            RefitError: the receiver is closed, or ``poll`` or ``max_pushes`` is invalid.
         """
+        check_timeout(poll, "poll")
+        if max_pushes is not None and (isinstance(max_pushes, bool) or not isinstance(max_pushes, int) or max_pushes < 0):
+            raise RefitError(f"max_pushes must be None or an int >= 0, got {max_pushes!r}")
+        self._check_open()
+        self._stop.clear()
         reports: list[RefitReport] = []
         while not self._stop.is_set() and (max_pushes is None or len(reports) < max_pushes):
             try:
@@ -109,9 +123,15 @@ class RefitReceiver:
     def stop(self) -> None:
         self._stop.set()
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RefitError(f"{self.loader.name} is closed; create a new RefitReceiver")
+
     def close(self) -> None:
         self._stop.set()
-        self.transport.close()
+        if not self._closed:
+            self._closed = True
+            self.transport.close()
 
     def __enter__(self) -> RefitReceiver:
         return self

@@ -17,11 +17,10 @@ import msgpack
 
 from refit.errors import PlanError, WireError
 from refit.meta import DTYPES, Manifest, Role, TensorMeta, dtype_from_name, dtype_name, itemsize
-from refit.plan import MIN_ALIGNMENT
+from refit.plan import MAX_NAME_LEN, MIN_ALIGNMENT
 from refit.report import RefitReport
 
 MAX_MESSAGE_BYTES = 1 << 30
-MAX_NAME_LEN = 4096
 MAX_DIMS = 16
 MAX_DIM = 1 << 48
 MAX_PROBLEMS = 10_000

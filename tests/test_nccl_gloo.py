@@ -347,7 +347,7 @@ def test_a_receiver_bounds_its_waits_by_its_own_timeout() -> None:
     assert first[:2] == ("ok", 1)
     kind, message, _, torn, seconds, version = second
     assert kind == "TransportError" and torn and version == 1, second
-    assert seconds < 3.0 + 3, f"raised after {seconds:.1f} s, the receiver's timeout is 3 s"
+    assert seconds < 3.0 + 10, f"raised after {seconds:.1f} s, the receiver timeout is 3 s (the group allows 30 s)"
 
 
 def test_fifty_pushes_no_leaks() -> None:

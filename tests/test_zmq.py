@@ -248,7 +248,7 @@ def test_two_hundred_pushes_no_leaks() -> None:
     assert digests == procs.digests({**state, **scales}) and version == 200
     assert fds_end == fds20 and fds20 - fds0 <= 8, (fds0, fds20, fds_end)
     assert rss_end - rss20 < 30, (rss20, rss_end)
-    assert stats[-1][0] == stats[20][0], "receiver file descriptors grew"
+    assert stats[-1][0] <= stats[20][0], "receiver file descriptors grew"
     assert stats[-1][1] - stats[20][1] < 30, "receiver memory grew"
 
 

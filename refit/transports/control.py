@@ -20,9 +20,10 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import socket
 import stat
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -52,6 +53,29 @@ def _ms(timeout: float | None) -> int:
 def _deadline(timeout: float | None) -> float | None:
     """The ``time.monotonic()`` at which ``timeout`` seconds from now have passed (None: never)."""
     return None if timeout is None else time.monotonic() + timeout
+
+
+Peers = Sequence[str | Mapping[str, Any]] | str | Mapping[str, Any]
+
+
+def peer_infos(peers: Peers, transport: str) -> list[dict[str, Any]]:
+    """Receivers as ``info()`` dicts, from what a user may pass for ``peers``: one or many of
+    an address string or what the receiver's ``info()`` returned (the same on every transport).
+
+    Raises:
+        TransportError: a peer of another form, or an info without an ``address``.
+    """
+    if isinstance(peers, str | Mapping):
+        peers = [peers]
+    if not isinstance(peers, Sequence):
+        raise TransportError(f"{transport}: peers must be a list of receiver addresses or info() dicts, got {type(peers).__name__}")
+    infos = []
+    for p in peers:
+        info = dict(p) if isinstance(p, Mapping) else {"address": p}
+        if not isinstance(info.get("address"), str) or not info["address"]:
+            raise TransportError(f"{transport}: each peer is a receiver's address or its info() dict (with an 'address'); got {p!r:.200}")
+        infos.append(info)
+    return infos
 
 
 class Peer:
@@ -250,17 +274,28 @@ class ControlServer:
         self._pending: tuple[Message, Frames] | None = None  # a Hello that arrived during a push
 
     def _bind(self, address: str) -> str:
-        if address.startswith("ipc://"):
-            path = address[len("ipc://") :]
-            old = os.umask(0o077)  # the socket file is created owner-only
-            try:
+        """Bind; the address a sender can use (``0.0.0.0`` is reported as this host's address)."""
+        try:
+            if address.startswith("ipc://"):
+                path = address[len("ipc://") :]
+                old = os.umask(0o077)  # the socket file is created owner-only
+                try:
+                    self.sock.bind(address)
+                finally:
+                    os.umask(old)
+                os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+            else:
                 self.sock.bind(address)
-            finally:
-                os.umask(old)
-            os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
-        else:
-            self.sock.bind(address)
-        return str(self.sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        except (zmq.ZMQError, OSError) as exc:
+            self.sock.close(linger=0)
+            raise TransportError(
+                f"{self.name}: cannot bind {address!r}: {exc}. Use tcp://<an address of this host>:<port or *> "
+                "(default tcp://127.0.0.1:*, loopback only) or ipc:///<path>"
+            ) from None
+        bound = str(self.sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        if bound.startswith("tcp://0.0.0.0:"):  # every interface: tell senders one they can reach
+            bound = f"tcp://{socket.gethostbyname(socket.gethostname())}:{bound.rsplit(':', 1)[1]}"
+        return bound
 
     def reply(self, msg: Message) -> None:
         if self._peer is not None:

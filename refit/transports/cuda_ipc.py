@@ -46,7 +46,7 @@ from refit.load import Loader
 from refit.meta import Manifest
 from refit.report import RefitReport
 from refit.transports.base import ReceiverTransport, Sender
-from refit.transports.control import ControlServer, Frames, PeerGroup
+from refit.transports.control import ControlServer, Frames, PeerGroup, Peers, peer_infos
 from refit.transports.shared_buffers import (
     IPC_HANDLE_BYTES,
     Kind,
@@ -108,20 +108,15 @@ class CudaIpcSender(Sender):
 
     def __init__(
         self,
-        peers: Sequence[str | Mapping[str, Any]] | str = (),
+        peers: Peers = (),
         *,
         timeout: float = 120.0,
         device: str | torch.device = "auto",
         sync: str = "auto",
         num_buffers: int = 2,
     ) -> None:
-        if isinstance(peers, str | Mapping):
-            peers = [peers]
-        infos = [p if isinstance(p, Mapping) else {"address": p} for p in peers]
-        try:
-            addresses = [str(i["address"]) for i in infos]
-        except KeyError:
-            raise TransportError(f"cuda_ipc receivers must report an 'address'; got {infos!r:.200}") from None
+        infos = peer_infos(peers, "cuda_ipc")
+        addresses = [i["address"] for i in infos]
         if str(device) == "auto" and infos and all(i.get("uuid") == "" for i in infos):
             device = "cpu"  # every receiver reported no GPU: share host memory
         self.device = _device(device)
@@ -140,7 +135,7 @@ class CudaIpcSender(Sender):
         if self.sync is Sync.EVENT:
             self._done = [[torch.cuda.Event.from_ipc_handle(self.device, bytes.fromhex(h)) for h in i["events"]] for i in infos]
 
-    def _choose_sync(self, sync: str, infos: list[Mapping[str, Any]]) -> Sync:
+    def _choose_sync(self, sync: str, infos: Sequence[Mapping[str, Any]]) -> Sync:
         try:
             choice = Sync(sync) if sync != "auto" else None
         except ValueError:

@@ -54,7 +54,7 @@ from refit.transports.collective import (
     mark_failed,
     new_group_id,
 )
-from refit.transports.control import DEFAULT_ADDRESS, SETUP_FAILED, ControlServer, PeerGroup
+from refit.transports.control import DEFAULT_ADDRESS, SETUP_FAILED, ControlServer, PeerGroup, Peers, peer_infos
 from refit.wire import Hello
 
 _GO_WORDS = 2  # int64 [push_id, go]
@@ -95,7 +95,7 @@ class NcclSender(Sender):
     """Sender half (rank 0 of the group).
 
     Args:
-        peers: receiver control addresses (each receiver's ``info()["address"]``).
+        peers: the receivers: each its address or what its ``info()`` returned.
         timeout: seconds any wait (a verdict, a rendezvous, one broadcast) may take.
         backend: ``"auto"``, ``"nccl"`` or ``"gloo"``.
         device: staging buffers' device; default CUDA when available.
@@ -108,21 +108,20 @@ class NcclSender(Sender):
 
     def __init__(
         self,
-        peers: Sequence[str] | str = (),
+        peers: Peers = (),
         *,
         timeout: float = 120.0,
         backend: str = "auto",
         device: str | torch.device | None = None,
         host: str = "127.0.0.1",
     ) -> None:
-        if isinstance(peers, str):
-            peers = [peers]
+        addresses = [i["address"] for i in peer_infos(peers, "nccl")]
         self.device = torch.device(device) if device is not None else _default_device()
         self.backend = choose_backend(backend, self.device)
         if self.backend is Backend.GLOO and self.device.type == "cuda" and device is None:
             self.device = torch.device("cpu")  # auto-chosen gloo: stage on the host, gloo's home
         self.timeout, self.host = timeout, host
-        self.group = PeerGroup(list(peers), timeout=timeout)
+        self.group = PeerGroup(addresses, timeout=timeout)
         self._store: StoreServer | None = None
         self._comm: Communicator | None = None
         self._group_id = ""
@@ -144,10 +143,7 @@ class NcclSender(Sender):
         Raises:
             TransportError: an info lacks ``address``.
         """
-        try:
-            return cls([str(i["address"]) for i in infos], timeout=timeout, **options)
-        except (KeyError, TypeError):
-            raise TransportError(f"nccl receivers must report an 'address'; got {list(infos)!r:.200}") from None
+        return cls(infos, timeout=timeout, **options)
 
     # -- group lifetime
 

@@ -23,13 +23,13 @@ from typing import Any
 
 import torch
 
-from refit.errors import TransportError, WireError
+from refit.errors import WireError
 from refit.load import Loader
 from refit.meta import Manifest
 from refit.pack import host_bytes
 from refit.report import RefitReport
 from refit.transports.base import ReceiverTransport, Sender
-from refit.transports.control import DEFAULT_ADDRESS, ControlServer, Frames, PeerGroup
+from refit.transports.control import DEFAULT_ADDRESS, ControlServer, Frames, PeerGroup, Peers, peer_infos
 from refit.wire import Bucket
 
 
@@ -42,24 +42,19 @@ class ZmqSender(Sender):
     """Sender half: pushes to every receiver in ``peers``.
 
     Args:
-        peers: receiver addresses (each receiver's ``info()["address"]``).
+        peers: the receivers: each its address or what its ``info()`` returned.
         timeout: seconds any wait for a receiver may take.
     """
 
-    def __init__(self, peers: Sequence[str] | str = (), *, timeout: float = 120.0) -> None:
-        if isinstance(peers, str):
-            peers = [peers]
-        self.group = PeerGroup(list(peers), timeout=timeout)
+    def __init__(self, peers: Peers = (), *, timeout: float = 120.0) -> None:
+        self.group = PeerGroup([i["address"] for i in peer_infos(peers, "zmq")], timeout=timeout)
         self._bufs: list[torch.Tensor] = []
         self._num_buffers = 2
 
     @classmethod
     def for_receivers(cls, infos: Sequence[dict[str, Any]], *, timeout: float = 120.0) -> ZmqSender:
         """A sender to receivers described by their ``info()`` dicts."""
-        try:
-            return cls([str(i["address"]) for i in infos], timeout=timeout)
-        except (KeyError, TypeError):
-            raise TransportError(f"zmq receivers must report an 'address'; got {list(infos)!r:.200}") from None
+        return cls(infos, timeout=timeout)
 
     def handshake(self, manifest: Manifest, version: int) -> None:
         self.group.handshake(manifest, version, self._num_buffers)
