@@ -193,7 +193,13 @@ class Collector:
         if isinstance(state, torch.nn.Module):
             raise PlanError("pass module.state_dict() (or named_parameters()), not the module itself")
         problems: list[str] = []
-        names, values, sources, state = self._quant_state(state, scales or {})
+        scales = scales or {}
+        lazy = [(n, v) for n, v in scales.items() if isinstance(v, Lazy)]
+        if lazy:  # a Lazy scale has no value to check yet: planned as a scale, checked by receivers
+            scales = {n: v for n, v in scales.items() if not isinstance(v, Lazy)}
+            state = [*lazy, *(state.items() if isinstance(state, Mapping) else state)]
+        lazy_names = {n for n, _ in lazy}
+        names, values, sources, state = self._quant_state(state, scales)
         layout, blocks = self._scales(names, values, problems)
         if isinstance(state, Mapping) and not problems:
             state_names, state_values = tuple(state), list(state.values())
@@ -220,7 +226,7 @@ class Collector:
                 problems.append(f"{name}: appears more than once (in state and/or scales)")
             elif isinstance(value, Lazy):
                 sources[name] = value
-                if _is_quant(name):
+                if name in lazy_names or _is_quant(name):
                     lazy_scales.append(PlanEntry(name, value.shape, value.dtype, Role.SCALE))
                 else:
                     entries.append(PlanEntry(name, value.shape, value.dtype, Role.WEIGHT))

@@ -322,3 +322,18 @@ def test_zmq_scales_inside_state_checked_on_both_sides() -> None:
         assert all(same_bits(target[k], v) for k, v in kept.items())
     finally:
         rx.rx.close()
+
+
+def test_a_lazy_scale_in_scales_is_planned_as_a_scale_and_checked_by_the_receiver() -> None:
+    """scales= may hold a refit.Lazy (it used to be refused as 'got Lazy'): it is written into
+    its bucket view, and a receiver checks its value as a scale's whatever its name."""
+
+    target = {"w": torch.zeros(2), "k_scale": torch.zeros(()), "foo": torch.zeros(())}
+    with Refitter("local", target=target) as r:
+        r.push({"w": torch.ones(2)}, {"k_scale": Lazy((), torch.float32, lambda o: o.fill_(0.5)), "foo": Lazy((), torch.float32, lambda o: o.fill_(2.0))})
+        assert (target["k_scale"].item(), target["foo"].item()) == (0.5, 2.0)
+        with pytest.raises(ResolveError, match="foo: scale has values <= 0"):
+            r.push({"w": torch.full((2,), 3.0)}, {"foo": Lazy((), torch.float32, lambda o: o.fill_(-1.0))})
+        assert torch.equal(target["w"], torch.ones(2))  # nothing of the refused bucket applied
+        with pytest.raises(PlanError, match="foo: appears more than once"):
+            r.push({"w": torch.ones(2), "foo": torch.ones(())}, {"foo": Lazy((), torch.float32, lambda o: o.fill_(1.0))})
