@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future
@@ -35,6 +34,11 @@ class Refitter:
             its workers join the transport now and receive every push.
         receiver_options: options for the engine's receivers (with ``engine``).
         timeout: seconds any wait for a receiver may take before ``TransportError``.
+        first_version: the version of the first push that omits ``version=`` (later ones
+            count up from it). Default: the Refitter asks the receivers for their committed
+            versions before its first such push and continues after the highest, so a
+            restarted trainer just works. A receiver refuses a version not greater than its
+            committed one (see ``RefitReceiver.reset_version``).
         **options: passed to the transport (e.g. ``target=`` for local, ``peers=`` for zmq).
 
     Example:
@@ -56,9 +60,12 @@ class Refitter:
         engine: EngineHandle | None = None,
         receiver_options: Mapping[str, Any] | None = None,
         timeout: float = 120.0,
+        first_version: int | None = None,
         **options: Any,
     ) -> None:
         check_layout_options(bucket_bytes, alignment)
+        if first_version is not None:
+            _check_version(first_version, "first_version")
         if isinstance(num_buffers, bool) or not isinstance(num_buffers, int) or not 1 <= num_buffers <= 64:
             raise RefitError(f"num_buffers must be an int in [1, 64], got {num_buffers!r}")
         timeout = check_timeout(timeout, "timeout")  # type: ignore[assignment]
@@ -85,7 +92,7 @@ class Refitter:
         self.bucket_bytes, self.alignment, self.num_buffers = bucket_bytes, alignment, num_buffers
         self.sender.configure(bucket_bytes, num_buffers)
         self.progress = progress
-        self._versions = itertools.count(1)
+        self._next_version = first_version  # None: ask the receivers before the first push
         self._last: tuple[list[PlanEntry], Manifest] | None = None
         self._collect = Collector()
 
@@ -105,6 +112,11 @@ class Refitter:
     def push(self, state: StateLike, scales: Mapping[str, torch.Tensor] | None = None, *, version: int | None = None) -> RefitReport:
         """Push ``state`` (name -> tensor or :class:`~refit.Lazy`) and ``scales`` (name -> tensor).
 
+        Args:
+            version: the version the receivers commit; it must be greater than each one's
+                committed version. Default: the next of this Refitter's numbering (see
+                ``first_version``).
+
         Returns:
             The sender's :class:`RefitReport`, with each receiver's report in ``receivers``.
 
@@ -119,19 +131,22 @@ class Refitter:
         if not got.entries:
             raise PlanError("nothing to push: state and scales are both empty; nothing was sent")
         manifest = self.plan(got.entries)
-        v = next(self._versions) if version is None else version
-        if not isinstance(v, int) or not 0 <= v < 1 << 63:
-            raise RefitError(f"version must be an int in [0, 2**63), got {v!r}")
+        if version is not None:
+            _check_version(version, "version")
         t1 = time.perf_counter()
         pending: Future[list[RefitReport]] | None = None
         accepted = False
+        v = 0  # the version of this push, fixed by handshake()
 
         def handshake() -> None:  # called by stream() once the first bucket is packed
-            nonlocal pending, accepted
+            nonlocal pending, accepted, v
             if self.engine is not None:  # only now: a push that fails before this leaves the workers idle
                 pending = self.engine.begin_receive(self.timeout)
+            v = self._number() if version is None else version
             self.sender.handshake(manifest, v)
             accepted = True
+            if version is not None and (self._next_version is None or self._next_version <= version):
+                self._next_version = version + 1  # numbering continues after an explicit version
 
         try:
             try:
@@ -169,6 +184,16 @@ class Refitter:
             receivers=receivers,
         )
 
+    def _number(self) -> int:
+        """The next version (consumed even if the push fails: a receiver never sees one twice)."""
+        if self._next_version is None:
+            committed = self.sender.committed_versions() or [0]
+            self._next_version = max(committed) + 1
+        v, self._next_version = self._next_version, self._next_version + 1
+        if v >= 1 << 63:
+            raise RefitError(f"version {v} does not fit the wire (at most 2**63 - 1); reset_version() the receivers and pass first_version=1")
+        return v
+
     def close(self) -> None:
         self._collect.clear()
         self.sender.close()
@@ -180,3 +205,8 @@ class Refitter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_version(value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 1 << 63:
+        raise RefitError(f"{what} must be an int in [1, 2**63) (versions start at 1; 0 means nothing committed), got {value!r:.80}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from refit.errors import ResolveError, TornStateError, WireError, problem_list
+from refit.errors import RefitError, ResolveError, TornStateError, WireError, problem_list
 from refit.meta import Manifest, TensorMeta
 from refit.pack import CopyPlan, bucket_view, chunk_of, copy_many
 from refit.report import RefitReport
@@ -195,22 +195,53 @@ class Loader:
         Nothing is written to the target here. A push in progress is abandoned (torn if it had
         applied anything). The resolution of a layout is kept, so a repeated layout is accepted
         without resolving again, unless the resolver says ``stable = False`` or
-        :meth:`invalidate` was called.
+        :meth:`invalidate` was called. ``version`` must be greater than the committed
+        :attr:`version` (see :meth:`reset_version`); else the push is refused, its other
+        problems listed too.
         """
         t0 = time.perf_counter()
         if self._push is not None:
             self.abort("a new push began before the previous one finished")
+        stale = self._version_problems(version)
         cached = self._prepared
         if cached is None or cached[0] != manifest.digest or not getattr(self.resolver, "stable", True):
             problems, steps, local = self._resolve(manifest)
             if problems:
-                return problems
+                return stale + problems
             cached = self._prepared = (manifest.digest, steps, local)
             self._bucket_plans.clear()
+        if stale:
+            return stale
         self._push = _Push(version, manifest, cached[1], t0)
         self._push.seconds["resolve"] = time.perf_counter() - t0
         self._layouts[manifest.digest] = manifest
         return []
+
+    def _version_problems(self, version: int) -> list[str]:
+        # Versions only increase on a receiver: a push numbered at or below the committed one
+        # comes from a trainer that restarted numbering (or from a second trainer), and loading
+        # it silently would let an older update overwrite a newer one.
+        if version > self.version:
+            return []
+        return [
+            f"version {version} is not greater than {self.name}'s committed version {self.version} "
+            "(versions only increase; is a second trainer pushing to this receiver?): omit version= so the "
+            f"Refitter numbers its pushes after the receivers', pass a version above {self.version}, "
+            "or call reset_version() on this receiver to go back on purpose"
+        ]
+
+    def reset_version(self, version: int = 0) -> None:
+        """Make the next push acceptable if its version is greater than ``version`` (default 0:
+        any version), e.g. to roll an engine back to an older checkpoint's numbering on purpose.
+
+        Raises:
+            RefitError: ``version`` is not an int in [0, 2**63), or a push is in progress.
+        """
+        if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version < 1 << 63:
+            raise RefitError(f"reset_version takes an int in [0, 2**63), got {version!r:.80}")
+        if self._push is not None:
+            raise RefitError(f"{self.name}: cannot reset the version while a push is in progress; call it between pushes")
+        self.version = version
 
     def invalidate(self) -> None:
         """Forget cached resolutions (call when the target's tensors were re-created)."""

@@ -64,6 +64,17 @@ class RefitReceiver:
         """Last committed version (0 before the first push)."""
         return self.loader.version
 
+    def reset_version(self, version: int = 0) -> None:
+        """Accept, from now on, any push whose version is greater than ``version`` (default 0:
+        any). A receiver otherwise refuses a version not greater than its committed one, so an
+        old or second trainer cannot silently overwrite newer weights; call this between pushes
+        to roll back to another numbering on purpose.
+
+        Raises:
+            RefitError: ``version`` is invalid, or a push is in progress.
+        """
+        self.loader.reset_version(version)
+
     @property
     def torn(self) -> bool:
         """True while the target holds a partially applied push."""

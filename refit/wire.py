@@ -232,7 +232,26 @@ class Abort:
     reason: str
 
 
-Message = Hello | Verdict | Bucket | Ack | Finish | Done | Abort
+@dataclass(frozen=True)
+class Probe:
+    """Sender -> receiver, between pushes: which version have you committed? (A Refitter
+    that numbers its pushes itself asks once, so a restarted trainer continues after the
+    receivers instead of starting again at 1.)"""
+
+    push_id: int
+
+
+@dataclass(frozen=True)
+class Status:
+    """Receiver -> sender: the answer to a :class:`Probe`."""
+
+    push_id: int
+    version: int
+    torn: bool
+    peer: str
+
+
+Message = Hello | Verdict | Bucket | Ack | Finish | Done | Abort | Probe | Status
 
 
 def encode(msg: Message) -> bytes:
@@ -267,6 +286,10 @@ def encode(msg: Message) -> bytes:
         d = {"type": "done", "push_id": msg.push_id, "report": msg.report.to_wire()}
     elif isinstance(msg, Abort):
         d = {"type": "abort", "push_id": msg.push_id, "reason": msg.reason}
+    elif isinstance(msg, Probe):
+        d = {"type": "probe", "push_id": msg.push_id}
+    elif isinstance(msg, Status):
+        d = {"type": "status", "push_id": msg.push_id, "version": msg.version, "torn": msg.torn, "peer": msg.peer}
     else:
         raise WireError(f"cannot encode {type(msg).__name__}")
     return msgpack.packb(d, use_bin_type=True)
@@ -353,4 +376,8 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
         return Done(push_id, report_from_wire(d.get("report")))
     if kind == "abort":
         return Abort(push_id, check_str(d.get("reason"), "reason", 1 << 20))
+    if kind == "probe":
+        return Probe(push_id)
+    if kind == "status":
+        return Status(push_id, check_int(d.get("version"), "version"), _bool(d.get("torn"), "torn"), check_str(d.get("peer"), "peer", 256))
     raise WireError(f"field 'type': unknown message type {kind!r:.40}")

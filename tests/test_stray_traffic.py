@@ -1,11 +1,14 @@
 """A push in progress hears only its sender: stray or hostile traffic to a receiver's control
 socket (garbage, a pickle, a well-formed Hello of another sender) is answered and dropped, on
-every transport that has a control socket, and the push lands bit for bit."""
+every transport that has a control socket, and the push lands bit for bit. One of the pickles
+is live (unpickling it creates a directory): it must never be unpickled."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import threading
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -32,6 +35,16 @@ TRANSPORTS = {
 }
 
 
+class _Trap:
+    """Unpickling this runs ``os.mkdir(path)``: what an attacker's pickle would do, harmlessly."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.mkdir, (self.path,))
+
+
 def state(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {f"layers.{i}.w": torch.randn(64, 256, generator=g) for i in range(12)}  # 12 buckets of 64 KiB
@@ -42,8 +55,11 @@ def forged_hello(push_id: int) -> bytes:
 
 
 @pytest.mark.parametrize("transport", sorted(TRANSPORTS))
-def test_stray_traffic_neither_ends_nor_disturbs_a_push(transport: str) -> None:
+def test_stray_traffic_neither_ends_nor_disturbs_a_push(transport: str, tmp_path: Path) -> None:
     rx_opts, tx_opts = TRANSPORTS[transport]
+    pickle.loads(pickle.dumps(_Trap(str(tmp_path / "proof"))))
+    assert (tmp_path / "proof").is_dir(), "the trap pickle is live"
+    junk = [*JUNK, [pickle.dumps(_Trap(str(tmp_path / "pwned")))]]
     target = {k: torch.zeros_like(v) for k, v in state(0).items()}
     rx = RefitReceiver(target, transport, name="rx", **rx_opts)
     address = rx.info()["address"]
@@ -54,15 +70,15 @@ def test_stray_traffic_neither_ends_nor_disturbs_a_push(transport: str) -> None:
     stray = zmq.Context.instance().socket(zmq.DEALER)
     stray.setsockopt(zmq.LINGER, 0)
     stray.connect(address)
-    for junk in JUNK:  # while the receiver waits for a push
-        stray.send_multipart(junk)
+    for frames in junk:  # while the receiver waits for a push
+        stray.send_multipart(frames)
     answers = 0
 
     def meddle(done: int, total: int) -> None:  # while buckets stream
         nonlocal answers
         if done in (3, 7):
-            for junk in [*JUNK, [forged_hello(12345)]]:
-                stray.send_multipart(junk)
+            for frames in [*junk, [forged_hello(12345)]]:
+                stray.send_multipart(frames)
             while stray.poll(50):
                 stray.recv()
                 answers += 1
@@ -77,6 +93,7 @@ def test_stray_traffic_neither_ends_nor_disturbs_a_push(transport: str) -> None:
         t.join(30)
         assert not t.is_alive() and rx.version == 2 and not rx.torn
         assert answers >= 2, "the stray sender should hear why it was dropped"
+        assert not (tmp_path / "pwned").exists(), f"{transport}: a receiver unpickled a stray message"
     finally:
         stray.close()
         rx.close()

@@ -12,7 +12,7 @@ from refit.errors import WireError
 from refit.meta import Role
 from refit.plan import PlanEntry, plan
 from refit.report import RefitReport
-from refit.wire import Abort, Ack, Bucket, Done, Finish, Hello, Verdict, decode, encode, manifest_to_wire
+from refit.wire import Abort, Ack, Bucket, Done, Finish, Hello, Probe, Status, Verdict, decode, encode, manifest_to_wire
 
 pytestmark = pytest.mark.unit
 
@@ -35,6 +35,8 @@ MESSAGES = [
     Finish(7),
     Done(7, RefitReport(3, 10, 1, 2, {"apply": 0.5, "total": 1.0}, loaded=2, remote=0, peer="rx0")),
     Abort(7, "because"),
+    Probe(7),
+    Status(7, 12, True, "rx0"),
 ]
 
 
@@ -76,6 +78,19 @@ def _hello_with(mutate) -> bytes:  # type: ignore[no-untyped-def]
 def test_validation_names_the_field(mutate, field: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(WireError, match=field):
         decode(_hello_with(mutate))
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"version": -1, "torn": False, "peer": "rx"}, "version"),
+        ({"version": 3, "torn": 0, "peer": "rx"}, "torn"),
+        ({"version": 3, "torn": False}, "peer"),
+    ],
+)
+def test_status_validation_names_the_field(fields: dict, field: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(WireError, match=field):
+        decode(msgpack.packb({"type": "status", "push_id": 1, **fields}, use_bin_type=True))
 
 
 def test_garbage_is_wire_error() -> None:
@@ -120,7 +135,7 @@ _values = st.recursive(
 
 @settings(max_examples=400, deadline=None)
 @given(
-    kind=st.sampled_from(["hello", "verdict", "bucket", "ack", "finish", "done", "abort"]),
+    kind=st.sampled_from(["hello", "verdict", "bucket", "ack", "finish", "done", "abort", "probe", "status"]),
     fields=st.dictionaries(
         st.sampled_from(
             [
@@ -139,6 +154,7 @@ _values = st.recursive(
                 "report",
                 "reason",
                 "extra",
+                "torn",
             ]
         ),
         _values,

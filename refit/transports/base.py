@@ -58,6 +58,16 @@ class Sender(ABC):
         """A push of ``manifest`` begins: make ``buffers`` ready to be packed (before the
         handshake)."""
 
+    def committed_versions(self) -> list[int] | None:
+        """Each receiver's committed version, asked between pushes (a Refitter that numbers
+        its pushes asks once, then continues after the highest); None if this transport cannot
+        tell (numbering then starts at 1).
+
+        Raises:
+            TransportError: a receiver did not answer in time or is busy with another push.
+        """
+        return None
+
     @abstractmethod
     def handshake(self, manifest: Manifest, version: int) -> None:
         """Offer the manifest to every receiver; return when all accepted.

@@ -29,11 +29,12 @@ from typing import Any
 import torch
 import zmq
 
+from refit.auth import DOMAIN, CurveAuth, check_auth
 from refit.errors import ResolveError, TransportError, WireError, problem_list
 from refit.load import Loader
 from refit.meta import Manifest
 from refit.report import RefitReport
-from refit.wire import Abort, Ack, Bucket, Done, Finish, Hello, Message, Verdict, decode, encode, peek_push_id
+from refit.wire import Abort, Ack, Bucket, Done, Finish, Hello, Message, Probe, Status, Verdict, decode, encode, peek_push_id
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:*"
 SETUP_FAILED = "transport set-up failed"  # how a refusal says the receiver could not join the transport
@@ -81,12 +82,17 @@ def peer_infos(peers: Peers, transport: str) -> list[dict[str, Any]]:
 class Peer:
     """Control connection from the sender to one receiver (a DEALER socket)."""
 
-    def __init__(self, ctx: zmq.Context[Any], address: str, timeout: float) -> None:
+    def __init__(self, ctx: zmq.Context[Any], address: str, timeout: float, auth: CurveAuth | None = None) -> None:
         self.address = address
         self.timeout = timeout
+        self.auth = auth
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDTIMEO, _ms(timeout))
+        if auth is not None:  # a CURVE client: the receiver admits only the key it expects
+            self.sock.curve_serverkey = auth.server_public
+            self.sock.curve_publickey = auth.client_public
+            self.sock.curve_secretkey = auth.secret_of("client")
         self.sock.connect(address)
         self.digests: set[str] = set()  # layouts this receiver accepted
         self.acked = -1
@@ -101,7 +107,14 @@ class Peer:
         """Next message from this receiver, or TransportError after ``timeout``."""
         if not self.sock.poll(_ms(self.timeout)):
             where = f", bucket {bucket}" if bucket is not None else ""
-            raise TransportError(f"receiver {self.address} did not answer within {self.timeout} s (phase {phase}{where})")
+            hint = ""
+            if phase.startswith("handshake"):  # a receiver that rejects our key says nothing: say what to check
+                hint = (
+                    "; it rejects senders whose CURVE key it does not expect: check that auth= holds the keys the receiver uses"
+                    if self.auth is not None
+                    else "; is it running and reachable? A receiver started with auth= drops senders without its key: pass the same auth="
+                )
+            raise TransportError(f"receiver {self.address} did not answer within {self.timeout} s (phase {phase}{where}){hint}")
         frames = self.sock.recv_multipart()
         try:
             return decode(frames[0])
@@ -115,12 +128,13 @@ class Peer:
 class PeerGroup:
     """The sender's side of the protocol, to every receiver of one push."""
 
-    def __init__(self, addresses: Sequence[str], *, timeout: float, ctx: zmq.Context[Any] | None = None) -> None:
+    def __init__(self, addresses: Sequence[str], *, timeout: float, ctx: zmq.Context[Any] | None = None, auth: CurveAuth | None = None) -> None:
         if not addresses:
             raise TransportError("no receivers: pass peers=[address, ...] (each receiver's info()['address'])")
+        auth = check_auth(auth)
         self.ctx = ctx or zmq.Context.instance()
         self.timeout = timeout
-        self.peers = [Peer(self.ctx, a, timeout) for a in addresses]
+        self.peers = [Peer(self.ctx, a, timeout, auth) for a in addresses]
         self.push_id = 0
         self._in_slot: dict[int, int] = {}  # staging slot -> last bucket sent from it (this push)
 
@@ -167,6 +181,24 @@ class PeerGroup:
                 f"push refused by {len({r.split(']')[0] for r in refusals})} receiver(s); nothing was loaded:\n" + problem_list(refusals),
                 refusals,
             )
+
+    def versions(self) -> list[Status]:
+        """Every receiver's committed version (and torn state), asked between pushes.
+
+        Raises:
+            TransportError: a receiver did not answer within ``timeout`` or is busy with
+                another sender's push.
+        """
+        self.push_id = random.getrandbits(62)
+        for p in self.peers:
+            p.send(Probe(self.push_id))
+        out = []
+        for p in self.peers:
+            msg = self._expect(p, "handshake (version probe)")
+            if not isinstance(msg, Status):
+                raise TransportError(f"receiver {p.address}: expected its status, got {type(msg).__name__}")
+            out.append(msg)
+        return out
 
     def _verdict(self, p: Peer, manifest: Manifest, version: int, num_buffers: int, extra: bytes) -> Verdict:
         for _ in range(2):
@@ -259,19 +291,46 @@ class ControlServer:
         address: ``tcp://HOST:PORT`` (port ``*`` picks a free one) or ``ipc:///path``.
             Default: loopback, free port.
         name: this receiver's name in reports and errors.
+        auth: CURVE keys (:mod:`refit.auth`): only senders holding the expected client key are
+            heard, and everything on the socket is encrypted. Default: unauthenticated.
     """
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, name: str = "receiver", ctx: zmq.Context[Any] | None = None) -> None:
+    def __init__(
+        self, address: str = DEFAULT_ADDRESS, *, name: str = "receiver", ctx: zmq.Context[Any] | None = None, auth: CurveAuth | None = None
+    ) -> None:
         self.name = name
-        self.ctx = ctx or zmq.Context.instance()
+        auth = check_auth(auth)
+        self._zap: Any = None
+        self._own_ctx = auth is not None and ctx is None
+        # ZAP handlers are per context (one per process-wide instance): an authenticated
+        # receiver gets its own context, so receivers with different keys can share a process
+        self.ctx = zmq.Context() if self._own_ctx else (ctx or zmq.Context.instance())
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if auth is not None:
+            self._start_zap(auth)
         self.address = self._bind(address)
         self._peer: bytes | None = None  # identity of the sender of the push in progress
         self._busy = False  # a push is in progress: from its accepted Hello to its end
         self.strays = 0  # messages dropped as garbage while no push was in progress
         self._pending: tuple[Message, Frames] | None = None  # a Hello that arrived during a push
+
+    def _start_zap(self, auth: CurveAuth) -> None:
+        """Make the socket a CURVE server whose ZAP handler admits only ``auth.client_public``."""
+        from zmq.auth.thread import ThreadAuthenticator
+
+        class _Known:
+            def callback(self, domain: str, key: bytes) -> bool:
+                return key == auth.client_public
+
+        self._zap = ThreadAuthenticator(self.ctx)
+        self._zap.start()
+        self._zap.configure_curve_callback(DOMAIN, credentials_provider=_Known())
+        self.sock.zap_domain = DOMAIN.encode()
+        self.sock.curve_secretkey = auth.secret_of("server")
+        self.sock.curve_publickey = auth.server_public
+        self.sock.curve_server = True
 
     def _bind(self, address: str) -> str:
         """Bind; the address a sender can use (``0.0.0.0`` is reported as this host's address)."""
@@ -287,7 +346,7 @@ class ControlServer:
             else:
                 self.sock.bind(address)
         except (zmq.ZMQError, OSError) as exc:
-            self.sock.close(linger=0)
+            self.close()
             raise TransportError(
                 f"{self.name}: cannot bind {address!r}: {exc}. Use tcp://<an address of this host>:<port or *> "
                 "(default tcp://127.0.0.1:*, loopback only) or ipc:///<path>"
@@ -395,8 +454,8 @@ class ControlServer:
         ``push_timeout`` for any further message of it).
 
         ``on_hello(hello)`` runs first (transport set-up from ``hello.extra``). Messages of no
-        push (a late Abort of an earlier one) are skipped. Returns the accepted Hello, or None
-        if no push began.
+        push (a late Abort of an earlier one) are skipped; a :class:`Probe` is answered with this
+        receiver's committed version. Returns the accepted Hello, or None if no push began.
 
         Raises:
             ResolveError: the push was refused (the sender was told; nothing is loaded).
@@ -415,7 +474,9 @@ class ControlServer:
                 except BaseException:
                     self._busy = False
                     raise
-            if not isinstance(msg, Abort):
+            if isinstance(msg, Probe):  # a sender numbering its pushes asks where we are
+                self.reply(Status(msg.push_id, loader.version, loader.torn, self.name))
+            elif not isinstance(msg, Abort):
                 self.reply(Abort(msg.push_id, f"{self.name}: no push in progress"))
 
     def end(self, loader: Loader, hello: Hello, timeout: float | None, *, expect_finish: bool = True) -> RefitReport:
@@ -495,6 +556,13 @@ class ControlServer:
 
     def close(self) -> None:
         self.sock.close(linger=0)
-        if self.address.startswith("ipc://"):
+        if self._zap is not None:
+            self._zap.stop()
+            self._zap = None
+        if self._own_ctx:
+            self.ctx.term()
+            self._own_ctx = False
+        address = getattr(self, "address", "")  # None yet if the bind failed
+        if address.startswith("ipc://"):
             with contextlib.suppress(OSError):
-                os.unlink(self.address[len("ipc://") :])
+                os.unlink(address[len("ipc://") :])

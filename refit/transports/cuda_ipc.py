@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from refit.auth import CurveAuth
 from refit.errors import RefitError, TransportError, WireError
 from refit.load import Loader
 from refit.meta import Manifest
@@ -100,6 +101,7 @@ class CudaIpcSender(Sender):
             process, else ``stream``), ``"event"`` or ``"stream"``; see the module docstring.
         num_buffers: buckets shared by the first push; later pushes use what the driver asked
             for (``Refitter(num_buffers=...)``) in the previous one.
+        auth: CURVE keys (:class:`refit.auth.CurveAuth`) when the receivers require them.
 
     Example:
         >>> with Refitter(CudaIpcSender([rx_info]), bucket_bytes=1 << 30) as r:  # doctest: +SKIP
@@ -114,6 +116,7 @@ class CudaIpcSender(Sender):
         device: str | torch.device = "auto",
         sync: str = "auto",
         num_buffers: int = 2,
+        auth: CurveAuth | None = None,
     ) -> None:
         infos = peer_infos(peers, "cuda_ipc")
         addresses = [i["address"] for i in infos]
@@ -126,7 +129,7 @@ class CudaIpcSender(Sender):
         if wrong:
             raise TransportError(f"cuda_ipc needs every receiver on this GPU ({self.place}); " + "; ".join(wrong) + ". Use transport 'nccl'.")
         self.sync = self._choose_sync(sync, infos)
-        self.group = PeerGroup(addresses, timeout=timeout)
+        self.group = PeerGroup(addresses, timeout=timeout, auth=auth)
         self.sender_id = secrets.randbits(62)
         self._want = num_buffers
         self._set: SharedBuffers | None = None
@@ -233,6 +236,9 @@ class CudaIpcSender(Sender):
     def finish(self) -> list[RefitReport]:
         return self.group.finish()
 
+    def committed_versions(self) -> list[int] | None:
+        return [s.version for s in self.group.versions()]
+
     def abort(self, reason: str) -> None:
         self.group.abort(reason)
 
@@ -262,6 +268,8 @@ class CudaIpcReceiver(ReceiverTransport):
         device: ``"auto"`` (current CUDA device, else CPU), ``"cuda:N"`` or ``"cpu"``. Must be the
             GPU the sender packs on.
         events: interprocess events recorded after each bucket's copies (for ``Sync.EVENT``).
+        auth: CURVE keys (:class:`refit.auth.CurveAuth`): only senders holding the expected key
+            are heard. Default: unauthenticated (see docs/reliability.md).
     """
 
     def __init__(
@@ -271,6 +279,7 @@ class CudaIpcReceiver(ReceiverTransport):
         name: str = "receiver",
         device: str | torch.device = "auto",
         events: int = 4,
+        auth: CurveAuth | None = None,
     ) -> None:
         self.device = _device(device)
         self.place = _place(self.device)
@@ -282,7 +291,7 @@ class CudaIpcReceiver(ReceiverTransport):
             with torch.cuda.device(self.device):
                 self._events = [torch.cuda.Event(interprocess=True) for _ in range(max(1, events))]
                 self._handles = [bytes(e.ipc_handle()).hex() for e in self._events]
-        self.server = ControlServer(address or default_address(), name=name)
+        self.server = ControlServer(address or default_address(), name=name, auth=auth)
         self._sets: dict[int, MappedBuffers] = {}  # sender id -> its open set
         self._current: tuple[MappedBuffers, Offer] | None = None
 

@@ -102,6 +102,9 @@ class LocalSender(Sender):
         if self._apply is not None:
             self._apply.synchronize()
 
+    def committed_versions(self) -> list[int] | None:
+        return [self.loader.version]
+
     def abort(self, reason: str) -> None:
         self.loader.abort(reason)
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from refit.auth import CurveAuth
 from refit.errors import ResolveError, TransportError, WireError
 from refit.load import Loader
 from refit.meta import Manifest
@@ -101,6 +102,8 @@ class NcclSender(Sender):
         device: staging buffers' device; default CUDA when available.
         host: address of this host that receivers can reach (the rendezvous store and gloo
             sockets listen on it); default loopback.
+        auth: CURVE keys (:class:`refit.auth.CurveAuth`) when the receivers require them (the control channel only: the
+            rendezvous store and the broadcast are not covered).
 
     Example:
         >>> r = Refitter("nccl", peers=[rx.info()["address"] for rx in receivers])  # doctest: +SKIP
@@ -114,6 +117,7 @@ class NcclSender(Sender):
         backend: str = "auto",
         device: str | torch.device | None = None,
         host: str = "127.0.0.1",
+        auth: CurveAuth | None = None,
     ) -> None:
         addresses = [i["address"] for i in peer_infos(peers, "nccl")]
         self.device = torch.device(device) if device is not None else _default_device()
@@ -121,7 +125,7 @@ class NcclSender(Sender):
         if self.backend is Backend.GLOO and self.device.type == "cuda" and device is None:
             self.device = torch.device("cpu")  # auto-chosen gloo: stage on the host, gloo's home
         self.timeout, self.host = timeout, host
-        self.group = PeerGroup(addresses, timeout=timeout)
+        self.group = PeerGroup(addresses, timeout=timeout, auth=auth)
         self._store: StoreServer | None = None
         self._comm: Communicator | None = None
         self._group_id = ""
@@ -269,6 +273,9 @@ class NcclSender(Sender):
             self._drop_group()
             raise
 
+    def committed_versions(self) -> list[int] | None:
+        return [s.version for s in self.group.versions()]
+
     def abort(self, reason: str) -> None:
         self.group.abort(reason)
         # closing the group makes receivers blocked on a broadcast fail now (gloo) rather than
@@ -294,6 +301,8 @@ class NcclReceiver(ReceiverTransport):
             for gloo.
         host: address this receiver's gloo sockets listen on (default: loopback when the
             sender's is, else the default interface).
+        auth: CURVE keys (:class:`refit.auth.CurveAuth`): only senders holding the expected key
+            are heard. Default: unauthenticated (see docs/reliability.md).
     """
 
     def __init__(
@@ -303,8 +312,9 @@ class NcclReceiver(ReceiverTransport):
         name: str = "receiver",
         device: str | torch.device | None = None,
         host: str | None = None,
+        auth: CurveAuth | None = None,
     ) -> None:
-        self.server = ControlServer(address, name=name)
+        self.server = ControlServer(address, name=name, auth=auth)
         self.name, self.host = name, host
         self.device = torch.device(device) if device is not None else None
         self._comm: Communicator | None = None

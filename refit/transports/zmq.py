@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from refit.auth import CurveAuth
 from refit.errors import WireError
 from refit.load import Loader
 from refit.meta import Manifest
@@ -44,17 +45,18 @@ class ZmqSender(Sender):
     Args:
         peers: the receivers: each its address or what its ``info()`` returned.
         timeout: seconds any wait for a receiver may take.
+        auth: CURVE keys (:class:`refit.auth.CurveAuth`) when the receivers require them.
     """
 
-    def __init__(self, peers: Peers = (), *, timeout: float = 120.0) -> None:
-        self.group = PeerGroup([i["address"] for i in peer_infos(peers, "zmq")], timeout=timeout)
+    def __init__(self, peers: Peers = (), *, timeout: float = 120.0, auth: CurveAuth | None = None) -> None:
+        self.group = PeerGroup([i["address"] for i in peer_infos(peers, "zmq")], timeout=timeout, auth=auth)
         self._bufs: list[torch.Tensor] = []
         self._num_buffers = 2
 
     @classmethod
-    def for_receivers(cls, infos: Sequence[dict[str, Any]], *, timeout: float = 120.0) -> ZmqSender:
+    def for_receivers(cls, infos: Sequence[dict[str, Any]], *, timeout: float = 120.0, auth: CurveAuth | None = None) -> ZmqSender:
         """A sender to receivers described by their ``info()`` dicts."""
-        return cls(infos, timeout=timeout)
+        return cls(infos, timeout=timeout, auth=auth)
 
     def handshake(self, manifest: Manifest, version: int) -> None:
         self.group.handshake(manifest, version, self._num_buffers)
@@ -77,6 +79,9 @@ class ZmqSender(Sender):
     def finish(self) -> list[RefitReport]:
         return self.group.finish()
 
+    def committed_versions(self) -> list[int] | None:
+        return [s.version for s in self.group.versions()]
+
     def abort(self, reason: str) -> None:
         self.group.abort(reason)
 
@@ -94,10 +99,12 @@ class ZmqReceiver(ReceiverTransport):
         name: this receiver's name in reports and errors.
         device: ``"cuda"`` to stage into pinned buffers for device targets; default: ``cpu``
             (apply straight from the received frame).
+        auth: CURVE keys (:class:`refit.auth.CurveAuth`): only senders holding the expected key
+            are heard. Default: unauthenticated (see docs/reliability.md).
     """
 
-    def __init__(self, *, address: str = DEFAULT_ADDRESS, name: str = "receiver", device: str = "cpu") -> None:
-        self.server = ControlServer(address, name=name)
+    def __init__(self, *, address: str = DEFAULT_ADDRESS, name: str = "receiver", device: str = "cpu", auth: CurveAuth | None = None) -> None:
+        self.server = ControlServer(address, name=name, auth=auth)
         self.name = name
         self.device = torch.device(device)
         self._staging: list[torch.Tensor] = []

@@ -75,7 +75,7 @@ def test_a_new_sender_after_the_last_one_closed() -> None:
         sender([("small", seed, ()) for seed in range(1, 5)], 30.0, new_sender_every=2),
         deadline_s=120.0,
     )
-    assert [r[:2] for r in out["sender"]["results"]] == [("ok", 1), ("ok", 2), ("ok", 1), ("ok", 2)]
+    assert [r[:2] for r in out["sender"]["results"]] == [("ok", 1), ("ok", 2), ("ok", 3), ("ok", 4)]  # the new one numbers after the receivers
     for name in RECEIVERS:
         assert [r[3] for r in out[name]["results"]] == [expected_target("small", seed) for seed in range(1, 5)], name
 
