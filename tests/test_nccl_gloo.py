@@ -341,14 +341,17 @@ def test_a_new_sender_after_the_last_one_closed() -> None:
 
 def test_a_receiver_bounds_its_waits_by_its_own_timeout() -> None:
     """The group's timeout is the sender's (30 s here); a receiver whose receive() allows 3 s
-    raises within about 3 s when the sender freezes mid-stream, and is torn at its version."""
+    raises within about 3 s when the sender freezes mid-stream, and keeps its version (torn if
+    it had applied a bucket). It also must not freeze afterwards: aborting a gloo group whose
+    operation is still blocked holds the GIL until the group's timeout."""
     rxs = [rx_cfg("rx0", "many", 2, wait=3.0)]
     out = run_world(rxs, {"timeout": 30.0, "pushes": [("many", 1, ()), ("many", 2, ())], "freeze_at": (1, 3)})
     first, second = out["rx0"]["results"]
     assert first[:2] == ("ok", 1)
     kind, message, _, torn, seconds, version = second
-    assert kind == "TransportError" and torn and version == 1, second
-    assert seconds < 3.0 + 10, f"raised after {seconds:.1f} s, the receiver timeout is 3 s (the group allows 30 s)"
+    # gloo sends from a thread of its own: the sender may stop before its go word left
+    assert kind == "TransportError" and version == 1 and (torn or "go word" in message), second
+    assert seconds < 3.0 + 10, f"raised after {seconds:.1f} s, the receiver timeout is 3 s (the group allows 30 s): {message}"
 
 
 def test_fifty_pushes_no_leaks() -> None:

@@ -342,7 +342,8 @@ class _GlooHandle(Handle):
             deadline, delay = time.monotonic() + limit, 1e-4
             while not self.work.is_completed():
                 if time.monotonic() > deadline:
-                    self.comm.close()  # aborts the group, so its threads stop waiting too
+                    self.comm.stuck = True
+                    self.comm.close()
                     raise TransportError(f"{self.comm.name}: broadcast of {self.what} did not complete within {limit} s")
                 time.sleep(delay)
                 delay = min(delay * 2, 0.002)
@@ -362,6 +363,7 @@ class GlooCommunicator(Communicator):
 
         self.rank, self.world, self.timeout = rank, rdv.world, rdv.timeout
         self.name = f"gloo group {rdv.group} (rank {rank} of {rdv.world})"
+        self.stuck = False  # an operation outlived a caller's wait (see close)
         if host is None:
             host = rdv.host if rdv.host in ("127.0.0.1", "localhost", "::1") else None
         # _Options (what torch's own distributed_c10d uses) is the only way to pick the device,
@@ -388,17 +390,20 @@ class GlooCommunicator(Communicator):
 
     def close(self) -> None:
         pg, self.pg = self.pg, None
-        if pg is not None:
-            # abort: closes the sockets, so peers blocked on us fail now, not at their timeout.
-            # It waits for an operation still blocked in gloo's thread (until the group's
-            # timeout), so it runs in a daemon thread, which also keeps the group alive until
-            # then (dropping the last reference would wait the same way).
-            threading.Thread(target=_abort_quietly, args=(pg,), name=f"refit-gloo-abort ({self.name})", daemon=True).start()
+        if pg is None:
+            return
+        if self.stuck:
+            # An operation is still blocked in gloo's thread (we stopped waiting for it before
+            # the group's timeout). abort() and the group's destructor would wait for it, holding
+            # the GIL (seen: 30 s frozen), so the group is parked until the process ends.
+            _STUCK.append(pg)
+            return
+        # abort first: closes the sockets, so peers blocked on us fail now, not at their timeout
+        with contextlib.suppress(Exception):
+            pg.abort()
 
 
-def _abort_quietly(pg: Any) -> None:
-    with contextlib.suppress(Exception):
-        pg.abort()
+_STUCK: list[Any] = []  # gloo groups left with an operation blocked in their thread (see close)
 
 
 # ---------------------------------------------------------------- NCCL (CuPy)
