@@ -100,6 +100,10 @@ class RefitWorkerExtension:
         module = load_transport(transport)
         rx: ReceiverTransport = module.Receiver(name=self._refit_name(), **dict(options or {}))  # type: ignore[attr-defined]
         self._refit_rx = rx
+        # zmq on CPU hands the loader a view of each received frame: a fresh message per
+        # bucket, kept alive by its views, so vLLM may hold them without a copy (vllm_load).
+        # Every other receiver reuses its staging buffers.
+        self._refit_stay = transport == "zmq" and str(dict(options or {}).get("device", "cpu")) == "cpu"
         self._refit_loader()
         return {"info": rx.info()}
 
@@ -109,7 +113,9 @@ class RefitWorkerExtension:
         rx = getattr(self, "_refit_rx", None)
         if rx is None:
             raise TransportError(f"{self._refit_name()}: no transport joined; call refit_open first")
-        report = rx.receive(self._refit_loader(), timeout)
+        loader = self._refit_loader()
+        loader.buckets_stay = getattr(self, "_refit_stay", False)
+        report = rx.receive(loader, timeout)
         return {"report": None if report is None else report.to_wire()}
 
     @_replies
@@ -132,6 +138,7 @@ class RefitWorkerExtension:
     def refit_apply(self, buckets: list[bytes]) -> dict[str, Any]:
         """Second half: apply every bucket (bytes, in order) of the prepared push and commit."""
         loader = self._refit_loader()
+        loader.buckets_stay = True  # one bytearray per bucket, never written again
         try:
             for i, data in enumerate(buckets):
                 loader.apply(i, torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8))

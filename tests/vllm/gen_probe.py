@@ -3,9 +3,10 @@
 
 Per architecture: a tiny config (``arch_probe.tiny_config``) with seeded random weights A saved
 as safetensors; a real engine (TP=1) loads them from disk and generates (the reference, same
-kernels); then weights B and weights A again are pushed over ``zmq``. After B the engine must
-generate what HF transformers generates with B, after A exactly what the disk-loaded engine
-generated. One JSON record per architecture; engines are started one after the other.
+kernels); then, over ``zmq`` and then over ``nccl`` (the gloo stream on CPU), the full
+checkpoint state B and then A are pushed. After each B the engine must generate what HF
+transformers generates with B, after each A exactly what the disk-loaded engine generated.
+One JSON record per architecture; engines are started one after the other.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ PROMPTS = [[1, 2, 3, 4, 5, 6], [17, 300, 5, 42], [7, 7, 7, 100, 200, 31, 64]]
 NEW_TOKENS = 16
 # Beyond arch_probe's tiny sizes: tie Llama's embeddings (its default is untied).
 OVERRIDES: dict[str, dict[str, Any]] = {"LlamaForCausalLM": {"tie_word_embeddings": True}}
+# zmq: frames applied as received; nccl: the gloo stream on CPU, into reused staging buffers.
+TRANSPORTS = ("zmq", "nccl")
 
 
 def seeded(model: Any, seed: int) -> dict[str, Any]:
@@ -86,19 +89,19 @@ def run(arch: str) -> dict[str, Any]:
     try:
         engine = VllmEngine(llm)
         disk = vllm_greedy(llm, PROMPTS, NEW_TOKENS)
-        with Refitter("zmq", engine=engine, bucket_bytes=1 << 20, timeout=120) as refitter:
-            refitter.push(state_b)
-            got_b = vllm_greedy(llm, PROMPTS, NEW_TOKENS)
-            refitter.push(state_a)
-            got_a = vllm_greedy(llm, PROMPTS, NEW_TOKENS)
+        got: dict[str, list[list[int]]] = {}
+        for transport in TRANSPORTS:
+            with Refitter(transport, engine=engine, bucket_bytes=1 << 20, timeout=120) as refitter:
+                refitter.push(state_b)
+                got[f"{transport}_b"] = vllm_greedy(llm, PROMPTS, NEW_TOKENS)
+                refitter.push(state_a)
+                got[f"{transport}_a"] = vllm_greedy(llm, PROMPTS, NEW_TOKENS)
     finally:
         shutdown(llm)
-    checks = {
-        "disk_equals_hf": disk == want_a,
-        "push_b_equals_hf": got_b == want_b,
-        "push_a_equals_disk": got_a == disk,
-        "b_differs_from_a": want_b != want_a,
-    }
+    checks = {"disk_equals_hf": disk == want_a, "b_differs_from_a": want_b != want_a}
+    for transport in TRANSPORTS:
+        checks[f"{transport}_push_b_equals_hf"] = got[f"{transport}_b"] == want_b
+        checks[f"{transport}_push_a_equals_disk"] = got[f"{transport}_a"] == disk
     bad = [k for k, ok in checks.items() if not ok]
     return {
         "arch": arch,

@@ -59,13 +59,15 @@ def test_push_over_the_other_transports(engine, transport):
 
 
 def test_kv_scales_land_and_survive_weight_pushes(engine):
+    # Explicit versions above those the Refitter pushes of the tests before took (receivers
+    # accept only increasing versions).
     llm, handle, model_dir = engine
     scales = {
         "model.layers.0.self_attn.k_scale": torch.tensor(0.5),
         "model.layers.0.self_attn.v_scale": torch.tensor(0.25),
         "model.layers.1.self_attn.k_proj.k_scale": torch.tensor(0.125),  # ModelOpt-style name
     }
-    handle.apply({}, scales, version=8)
+    handle.apply({}, scales, version=108)
     names = [
         "model.layers.0.self_attn.attn._k_scale",
         "model.layers.0.self_attn.attn._v_scale",
@@ -81,7 +83,7 @@ def test_kv_scales_land_and_survive_weight_pushes(engine):
     # A later weight-only push runs vLLM's post-load step (which resets unquantized scales to
     # 1.0); the pushed values must still be there afterwards.
     hf, state = hf_state(model_dir, seed=3)
-    handle.apply(state, version=9)
+    handle.apply(state, version=109)
     got = read(handle, names)[0]
     assert got[names[0]].item() == 0.5 and got[names[3]] == 0.5
     assert vllm_greedy(llm) == hf_greedy(hf)
@@ -89,7 +91,7 @@ def test_kv_scales_land_and_survive_weight_pushes(engine):
 
 def test_modelopt_amax_becomes_scale(engine):
     _, handle, _ = engine
-    handle.apply({}, {"model.layers.0.self_attn.k_bmm_quantizer._amax": torch.tensor(448.0 * 0.375)}, version=10)
+    handle.apply({}, {"model.layers.0.self_attn.k_bmm_quantizer._amax": torch.tensor(448.0 * 0.375)}, version=110)
     assert read(handle, ["model.layers.0.self_attn.attn._k_scale"])[0]["model.layers.0.self_attn.attn._k_scale"].item() == 0.375
 
 
@@ -135,16 +137,30 @@ def test_wrong_shape_is_refused_with_the_expected_shape(engine, name, shape, exp
 def test_partial_layer_is_refused(engine):
     _, handle, model_dir = engine
     _, state = hf_state(model_dir, seed=5)
-    msg = refused(handle, {"model.layers.0.self_attn.q_proj.weight": state["model.layers.0.self_attn.q_proj.weight"]}, 98)
+    msg = refused(handle, {"model.layers.0.self_attn.q_proj.weight": state["model.layers.0.self_attn.q_proj.weight"]}, 198)
     assert "qkv_proj" in msg and "push every tensor of this layer" in msg
 
 
 def test_partial_model_push_of_whole_layers(engine):
     llm, handle, model_dir = engine
     hf, state = hf_state(model_dir, seed=6)
-    handle.apply(state, version=11)
+    handle.apply(state, version=111)
     hf2, state2 = hf_state(model_dir, seed=7)
     mlp1 = {k: v for k, v in state2.items() if k.startswith("model.layers.1.mlp.")}
-    handle.apply(mlp1, version=12)
+    handle.apply(mlp1, version=112)
     hf.load_state_dict({**state, **mlp1})
+    assert vllm_greedy(llm) == hf_greedy(hf)
+
+
+def test_layer_spanning_a_reused_bucket_loads_exactly(engine):
+    # One shared-memory staging buffer of 64 KiB: q_proj (64 KiB), k_proj and v_proj of a layer
+    # arrive in different buckets, each written into the same buffer. vLLM's layer-wise reload
+    # keeps views of a layer's tensors until its last one arrived, so refit copies the views it
+    # still holds before the buffer is reused (vllm_load); without that copy, q_proj would load
+    # k_proj's bytes. (Over zmq each bucket is a fresh frame and nothing needs copying.)
+    llm, handle, model_dir = engine
+    hf, state = hf_state(model_dir, seed=8)
+    with Refitter("cuda_ipc", engine=handle, bucket_bytes=1 << 16, num_buffers=1, timeout=60) as refitter:
+        report = refitter.push(state)
+    assert report.buckets > 10 and [r.loaded for r in report.receivers] == [len(state)]
     assert vllm_greedy(llm) == hf_greedy(hf)

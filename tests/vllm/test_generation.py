@@ -1,8 +1,9 @@
 """The generation sweep: for text causal-LM architectures that build tiny on CPU (dense, tied,
 MoE, fused HF names), an accepted push must serve exactly the pushed model. Each architecture's
-engine loads weights A from disk, receives B then A over zmq, and must generate what HF
-generates with B and then exactly what the disk-loaded engine generated (``gen_probe.py``, one
-subprocess, one engine at a time, ~40 s per architecture)."""
+engine loads weights A from disk, receives B then A over zmq, then B then A over the gloo
+stream (``nccl`` on CPU), and after every push must generate what HF generates with B, or
+exactly what the disk-loaded engine generated with A (``gen_probe.py``, one subprocess, one
+engine at a time, ~40 s per architecture)."""
 
 from __future__ import annotations
 
