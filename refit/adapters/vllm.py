@@ -189,6 +189,12 @@ class RefitWorkerExtension:
         return {"tensors": out}
 
     @_replies
+    def refit_status(self) -> dict[str, Any]:
+        """This worker's committed version and whether it holds a half-applied push."""
+        loader = self._refit_loader()
+        return {"version": loader.version, "torn": loader.torn}
+
+    @_replies
     def refit_digest(self) -> dict[str, Any]:
         """sha256 of every parameter and buffer (name, dtype, shape, bytes) of this worker."""
         from refit.demo import digest
@@ -276,10 +282,12 @@ class VllmEngine:
         state: Mapping[str, torch.Tensor],
         scales: Mapping[str, torch.Tensor] | None = None,
         *,
-        version: int = 1,
+        version: int | None = None,
         bucket_bytes: int = 64 << 20,
     ) -> list[RefitReport]:
         """Push a small state inside RPCs (no transport; for tests and tiny models).
+
+        ``version`` defaults to one above the highest version the workers committed.
 
         Returns:
             Each worker's report.
@@ -292,6 +300,10 @@ class VllmEngine:
 
         refitter = Refitter(RpcSender(self), bucket_bytes=bucket_bytes)
         return refitter.push(state, scales, version=version).receivers
+
+    def status(self) -> list[dict[str, Any]]:
+        """Each worker's committed ``version`` and ``torn`` flag (a half-applied push)."""
+        return [{"version": int(r["version"]), "torn": bool(r["torn"])} for r in self.rpc("refit_status")]
 
     def close(self) -> None:
         """Close the workers' receivers. The handle stays usable: a later ``Refitter(engine=...)``
@@ -363,6 +375,9 @@ class RpcSender(Sender):
             with contextlib.suppress(RefitError):
                 self.engine.rpc("refit_abort", "another worker refused")
             raise
+
+    def committed_versions(self) -> list[int] | None:
+        return [w["version"] for w in self.engine.status()]
 
     def buffers(self, bucket_bytes: int, num_buffers: int) -> list[torch.Tensor]:
         if len(self._bufs) != num_buffers or self._bufs[0].numel() != bucket_bytes:

@@ -164,3 +164,17 @@ def test_layer_spanning_a_reused_bucket_loads_exactly(engine):
         report = refitter.push(state)
     assert report.buckets > 10 and [r.loaded for r in report.receivers] == [len(state)]
     assert vllm_greedy(llm) == hf_greedy(hf)
+
+
+def test_versions_continue_after_the_engine_and_status_reports_them(engine):
+    """apply() without version= numbers after what the workers committed (a fixed default of 1
+    would be refused once versions only increase); status() reports each worker's version."""
+    llm, handle, model_dir = engine
+    hf, state = hf_state(model_dir, seed=41)
+    before = handle.status()
+    assert len(before) == 1 and not before[0]["torn"]
+    first = handle.apply(state)[0].version
+    second = handle.apply(state)[0].version
+    assert (first, second) == (before[0]["version"] + 1, before[0]["version"] + 2)
+    assert handle.status() == [{"version": second, "torn": False}]
+    assert f"version {first} is not greater than" in refused(handle, state, version=first)
