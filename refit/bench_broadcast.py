@@ -44,10 +44,10 @@ from refit.transports.collective import (
     StoreServer,
     choose_backend,
     client_store,
-    connect,
     cupy_nccl,
     new_group_id,
 )
+from refit.transports.join import connect
 
 Row = dict[str, Any]
 _POLL = 1.0  # seconds between checks that the receivers are still alive

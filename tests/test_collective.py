@@ -8,20 +8,20 @@ import time
 import pytest
 import torch
 
-from refit.transports.collective import GroupSetupFailed, _barrier, _group_store, mark_failed
+from refit.transports.collective import GroupSetupFailed, barrier, group_store, mark_failed
 
 pytestmark = pytest.mark.unit
 
 
 def arrive(store: torch.distributed.Store, ranks: list[int], world: int, timeout: float) -> dict[int, tuple[str, float]]:
     """Ranks ``ranks`` of a group of ``world`` arrive at the barrier together; what each got."""
-    keys = _group_store(store, "g")
+    keys = group_store(store, "g")
     out: dict[int, tuple[str, float]] = {}
 
     def one(rank: int) -> None:
         t0 = time.monotonic()
         try:
-            _barrier(keys, "init", world, rank, timeout, f"rank {rank}")
+            barrier(keys, "init", world, rank, timeout, f"rank {rank}")
             out[rank] = ("go", time.monotonic() - t0)
         except GroupSetupFailed as exc:
             out[rank] = (str(exc), time.monotonic() - t0)

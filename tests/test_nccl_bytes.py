@@ -22,7 +22,8 @@ from refit.demo import digest
 from refit.errors import TransportError
 from refit.receiver import RefitReceiver
 from refit.transports import nccl as nccl_transport
-from refit.transports.collective import Backend, Communicator, GlooCommunicator, Handle, Rendezvous
+from refit.transports.collective import Backend, Communicator, Handle, Rendezvous
+from refit.transports.gloo_group import GlooCommunicator
 from tests.procs import zeros_like
 from tests.test_nccl_gloo import make_state
 

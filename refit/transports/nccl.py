@@ -50,12 +50,12 @@ from refit.transports.collective import (
     StoreServer,
     choose_backend,
     client_store,
-    connect,
     cupy_nccl,
     mark_failed,
     new_group_id,
 )
 from refit.transports.control import DEFAULT_ADDRESS, SETUP_FAILED, ControlServer, PeerGroup, Peers, peer_infos
+from refit.transports.join import connect
 from refit.wire import Hello
 
 _GO_WORDS = 2  # int64 [push_id, go]

@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from refit.errors import TransportError
-from refit.transports.collective import Backend, Rendezvous, StoreServer, choose_backend, connect, cupy_nccl, new_group_id
+from refit.transports.collective import Backend, Rendezvous, StoreServer, choose_backend, cupy_nccl, new_group_id
+from refit.transports.join import connect
 from tests.test_nccl_gloo import expected_target, run_world
 
 pytestmark = [
