@@ -180,7 +180,7 @@ class Refitter:
             buckets=manifest.num_buckets,
             tensors=manifest.num_tensors,
             # stream includes the handshake; a transport may add stages of its own (e.g. drain)
-            seconds={"plan": t1 - t0, **stages, "stream": t3 - t1, "finish": t4 - t3, **getattr(self.sender, "stages", {}), "total": t4 - t0},
+            seconds={"plan": t1 - t0, **stages, "stream": t3 - t1, "finish": t4 - t3, **self.sender.stages, "total": t4 - t0},
             receivers=receivers,
         )
 

@@ -218,10 +218,7 @@ class Collector:
         lazy_scales: list[PlanEntry] = []  # planned right after the scales, checked by receivers
         reusable = True
         items = state.items() if isinstance(state, Mapping) else state
-        for pair in items:
-            if not isinstance(pair, tuple) or len(pair) != 2:
-                raise PlanError(f"state must be a mapping or an iterable of (name, tensor) pairs, got {pair!r:.80}")
-            name, value = pair
+        for name, value in items:  # pairs: checked by _quant_state (_pairs) already
             if name in sources:
                 problems.append(f"{name}: appears more than once (in state and/or scales)")
             elif isinstance(value, Lazy):

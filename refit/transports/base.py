@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, Protocol
 
@@ -46,9 +46,9 @@ class Sender(ABC):
 
     #: device of the staging buffers (pack copies land here)
     device: torch.device = torch.device("cpu")
-    #: seconds of the transport's own stages in the last push (reset by ``handshake``),
-    #: added to the push's report
-    stages: dict[str, float]
+    #: seconds of the transport's own stages in the last push, added to its report. Never
+    #: written here: a transport that measures some assigns its own dict (reset by handshake).
+    stages: dict[str, float] = {}  # noqa: RUF012
 
     def configure(self, bucket_bytes: int, num_buffers: int) -> None:
         """The push options, told once before the first handshake (transports that share their
@@ -57,6 +57,16 @@ class Sender(ABC):
     def stage(self, manifest: Manifest) -> None:
         """A push of ``manifest`` begins: make ``buffers`` ready to be packed (before the
         handshake)."""
+
+    @classmethod
+    def for_receivers(cls, infos: Sequence[Mapping[str, Any]], *, timeout: float = 120.0, **options: Any) -> Sender:
+        """A sender to receivers described by their ``info()`` dicts (what an engine handle's
+        ``open`` returns); ``options`` as for the constructor.
+
+        Raises:
+            TransportError: an info without an ``address``.
+        """
+        return cls(list(infos), timeout=timeout, **options)  # type: ignore[call-arg]
 
     def committed_versions(self) -> list[int] | None:
         """Each receiver's committed version, asked between pushes (a Refitter that numbers

@@ -182,6 +182,11 @@ class PeerGroup:
                 refusals,
             )
 
+    def committed_versions(self) -> list[int]:
+        """Every receiver's committed version (see :meth:`versions`); what the senders built on
+        a PeerGroup answer for ``Sender.committed_versions``."""
+        return [s.version for s in self.versions()]
+
     def versions(self) -> list[Status]:
         """Every receiver's committed version (and torn state), asked between pushes.
 
@@ -345,15 +350,15 @@ class ControlServer:
                 os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
             else:
                 self.sock.bind(address)
-        except (zmq.ZMQError, OSError) as exc:
+            bound = str(self.sock.getsockopt_string(zmq.LAST_ENDPOINT))
+            if bound.startswith("tcp://0.0.0.0:"):  # every interface: tell senders one they can reach
+                bound = f"tcp://{socket.gethostbyname(socket.gethostname())}:{bound.rsplit(':', 1)[1]}"
+        except (zmq.ZMQError, OSError) as exc:  # socket.gaierror is an OSError
             self.close()
             raise TransportError(
                 f"{self.name}: cannot bind {address!r}: {exc}. Use tcp://<an address of this host>:<port or *> "
                 "(default tcp://127.0.0.1:*, loopback only) or ipc:///<path>"
             ) from None
-        bound = str(self.sock.getsockopt_string(zmq.LAST_ENDPOINT))
-        if bound.startswith("tcp://0.0.0.0:"):  # every interface: tell senders one they can reach
-            bound = f"tcp://{socket.gethostbyname(socket.gethostname())}:{bound.rsplit(':', 1)[1]}"
         return bound
 
     def reply(self, msg: Message) -> None:

@@ -157,11 +157,6 @@ class CudaIpcSender(Sender):
             return choice
         return Sync.EVENT if usable else Sync.STREAM
 
-    @classmethod
-    def for_receivers(cls, infos: Sequence[Mapping[str, Any]], *, timeout: float = 120.0, **options: Any) -> CudaIpcSender:
-        """A sender to receivers described by their ``info()`` dicts."""
-        return cls(list(infos), timeout=timeout, **options)
-
     # -- buffers
 
     def _ensure_set(self, manifest: Manifest) -> SharedBuffers:
@@ -237,7 +232,7 @@ class CudaIpcSender(Sender):
         return self.group.finish()
 
     def committed_versions(self) -> list[int] | None:
-        return [s.version for s in self.group.versions()]
+        return self.group.committed_versions()
 
     def abort(self, reason: str) -> None:
         self.group.abort(reason)

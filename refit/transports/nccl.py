@@ -30,7 +30,6 @@ already guarantee); rendezvous through pickled objects or the default process gr
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -137,17 +136,8 @@ class NcclSender(Sender):
         self._num_buckets = 0
         self._go = _go_buffer(self.device)
         self._go_handle: Handle | None = None
-        self._prelude = 0
+        self._prelude, self._prelude_sent = 0, False
         self.stages: dict[str, float] = {}
-
-    @classmethod
-    def for_receivers(cls, infos: Sequence[dict[str, Any]], *, timeout: float = 120.0, **options: Any) -> NcclSender:
-        """A sender to receivers described by their ``info()`` dicts (``{"address": ...}``).
-
-        Raises:
-            TransportError: an info lacks ``address``.
-        """
-        return cls(infos, timeout=timeout, **options)
 
     # -- group lifetime
 
@@ -181,6 +171,7 @@ class NcclSender(Sender):
         # bucket 0 (packed by now) goes out while the verdicts are on their way; receivers apply
         # it only after the go word, and on a no-go everyone has taken part in it all the same
         self._prelude = manifest.bucket_sizes[0] if manifest.num_buckets else 0
+        self._prelude_sent = False
         self._joining = self._comm is None
         if self._joining:
             self._group_id = new_group_id()
@@ -215,6 +206,7 @@ class NcclSender(Sender):
             self._comm = _join_group(self._rendezvous(0), self._store.store, 0, self.device, self.host, "the sender")
         if self._prelude and self._comm is not None:
             self.send(0, 0, self._prelude)
+            self._prelude_sent = True
 
     def _go_word(self, push_id: int, what: str) -> Handle:
         if self._comm is None:
@@ -249,7 +241,7 @@ class NcclSender(Sender):
             raise TransportError(f"nccl transport: no group to broadcast bucket {index} (was the push aborted?)")
         if nbytes == 0:
             return  # both sides skip empty buckets (sizes come from the manifest)
-        if index == 0 and slot in self._inflight:
+        if index == 0 and self._prelude_sent:
             return  # the prelude: already on its way since the handshake
         handle = self._comm.broadcast(self._bufs[slot][:nbytes], f"bucket {index} of {self._num_buckets}")
         self._inflight[slot] = (index, handle)
@@ -274,7 +266,7 @@ class NcclSender(Sender):
             raise
 
     def committed_versions(self) -> list[int] | None:
-        return [s.version for s in self.group.versions()]
+        return self.group.committed_versions()
 
     def abort(self, reason: str) -> None:
         self.group.abort(reason)

@@ -18,7 +18,6 @@ one message per tensor (per-message overhead dominates with thousands of small t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -53,11 +52,6 @@ class ZmqSender(Sender):
         self._bufs: list[torch.Tensor] = []
         self._num_buffers = 2
 
-    @classmethod
-    def for_receivers(cls, infos: Sequence[dict[str, Any]], *, timeout: float = 120.0, auth: CurveAuth | None = None) -> ZmqSender:
-        """A sender to receivers described by their ``info()`` dicts."""
-        return cls(infos, timeout=timeout, auth=auth)
-
     def handshake(self, manifest: Manifest, version: int) -> None:
         self.group.handshake(manifest, version, self._num_buffers)
 
@@ -80,7 +74,7 @@ class ZmqSender(Sender):
         return self.group.finish()
 
     def committed_versions(self) -> list[int] | None:
-        return [s.version for s in self.group.versions()]
+        return self.group.committed_versions()
 
     def abort(self, reason: str) -> None:
         self.group.abort(reason)
