@@ -47,7 +47,8 @@ from refit.load import Loader
 from refit.meta import Manifest
 from refit.report import RefitReport
 from refit.transports.base import ReceiverTransport, Sender
-from refit.transports.control import ControlServer, Frames, PeerGroup, Peers, peer_infos
+from refit.transports.control import ControlServer, Frames
+from refit.transports.peers import PeerGroup, Peers, peer_infos
 from refit.transports.shared_buffers import (
     IPC_HANDLE_BYTES,
     Kind,

@@ -53,8 +53,9 @@ from refit.transports.collective import (
     mark_failed,
     new_group_id,
 )
-from refit.transports.control import DEFAULT_ADDRESS, SETUP_FAILED, ControlServer, PeerGroup, Peers, peer_infos
+from refit.transports.control import DEFAULT_ADDRESS, SETUP_FAILED, ControlServer
 from refit.transports.join import connect
+from refit.transports.peers import PeerGroup, Peers, peer_infos
 from refit.wire import Hello
 
 _GO_WORDS = 2  # int64 [push_id, go]

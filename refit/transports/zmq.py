@@ -29,7 +29,8 @@ from refit.meta import Manifest
 from refit.pack import host_bytes
 from refit.report import RefitReport
 from refit.transports.base import ReceiverTransport, Sender
-from refit.transports.control import DEFAULT_ADDRESS, ControlServer, Frames, PeerGroup, Peers, peer_infos
+from refit.transports.control import DEFAULT_ADDRESS, ControlServer, Frames
+from refit.transports.peers import PeerGroup, Peers, peer_infos
 from refit.wire import Bucket
 
 
