@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--receivers", type=int, default=1, help="receiver processes (NCCL: one GPU each)")
     ap.add_argument("--bucket-mb", type=int, action="append", help="repeatable (default 256)")
     ap.add_argument("--num-buffers", type=int, action="append", help="repeatable (default 2)")
+    ap.add_argument("--tail-mib", type=int, action="append", help="repeatable: Refitter's tail_bytes in MiB (default: its default)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
     ap.add_argument("--device", default=None, help="sender device (default cuda:0 if available)")
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         reps=args.reps,
         timeout=args.timeout,
         baselines=not args.no_baselines,
+        tails=[t << 20 for t in args.tail_mib] if args.tail_mib else (None,),
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
     result["config"]["shape"] = {"name": args.shape, **vars(shape)}

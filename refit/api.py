@@ -14,7 +14,7 @@ from refit.collect import Collector, StateLike
 from refit.errors import PlanError, RefitError
 from refit.meta import Manifest
 from refit.options import check_options, check_timeout
-from refit.plan import DEFAULT_ALIGNMENT, DEFAULT_BUCKET_BYTES, PlanEntry, check_layout_options, plan
+from refit.plan import DEFAULT_ALIGNMENT, DEFAULT_BUCKET_BYTES, PlanEntry, check_layout_options, default_tail_bytes, plan
 from refit.report import RefitReport
 from refit.transports.base import EngineHandle, Progress, Sender, load_transport, stream
 
@@ -27,6 +27,10 @@ class Refitter:
             or a ready :class:`~refit.transports.base.Sender`.
         bucket_bytes: capacity of one staging bucket (default 512 MiB).
         alignment: byte alignment of tensors inside a bucket (power of two, default 256).
+        tail_bytes: the buckets at the end are cut so that the last holds about this many bytes
+            (at most twice): the receivers' apply of the last bucket overlaps nothing, so a
+            short one ends the push sooner. Default 64 MiB when ``bucket_bytes`` is at least
+            256 MiB, else 0 (every bucket filled up to ``bucket_bytes``).
         num_buffers: staging buffers in flight (default 2): memory per side is
             ``num_buffers * bucket_bytes`` whatever the model size.
         progress: optional ``progress(buckets_done, buckets_total)`` callback.
@@ -55,6 +59,7 @@ class Refitter:
         *,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         alignment: int = DEFAULT_ALIGNMENT,
+        tail_bytes: int | None = None,
         num_buffers: int = 2,
         progress: Progress | None = None,
         engine: EngineHandle | None = None,
@@ -64,6 +69,9 @@ class Refitter:
         **options: Any,
     ) -> None:
         check_layout_options(bucket_bytes, alignment)
+        if tail_bytes is None:
+            tail_bytes = default_tail_bytes(bucket_bytes)
+        plan([], bucket_bytes=bucket_bytes, alignment=alignment, tail_bytes=tail_bytes)  # checks tail_bytes
         if first_version is not None:
             _check_version(first_version, "first_version")
         if isinstance(num_buffers, bool) or not isinstance(num_buffers, int) or not 1 <= num_buffers <= 64:
@@ -89,7 +97,7 @@ class Refitter:
             check_options(module.Transport, options, f"transport {transport!r}")  # type: ignore[attr-defined]
             self.sender = module.Transport(**options)  # type: ignore[attr-defined]
         self.transport = transport if isinstance(transport, str) else type(transport).__name__
-        self.bucket_bytes, self.alignment, self.num_buffers = bucket_bytes, alignment, num_buffers
+        self.bucket_bytes, self.alignment, self.tail_bytes, self.num_buffers = bucket_bytes, alignment, tail_bytes, num_buffers
         self.sender.configure(bucket_bytes, num_buffers)
         self.progress = progress
         self._next_version = first_version  # None: ask the receivers before the first push
@@ -105,7 +113,7 @@ class Refitter:
         """The manifest for ``entries``; reused while names, shapes and dtypes do not change."""
         if self._last is not None and (self._last[0] is entries or self._last[0] == entries):
             return self._last[1]
-        manifest = plan(entries, bucket_bytes=self.bucket_bytes, alignment=self.alignment)
+        manifest = plan(entries, bucket_bytes=self.bucket_bytes, alignment=self.alignment, tail_bytes=self.tail_bytes)
         self._last = (entries, manifest)
         return manifest
 

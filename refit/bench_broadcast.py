@@ -21,6 +21,7 @@ their own device (CUDA's generator gives the same numbers on GPUs of one model).
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import queue
 import statistics
@@ -229,9 +230,11 @@ def sweep(
     reps: int = 3,
     timeout: float = 120.0,
     baselines: bool = True,
+    tails: Sequence[int | None] = (None,),
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Measure the push for each ``(bucket_bytes, num_buffers)`` beside its raw ceilings.
+    """Measure the push for each ``(bucket_bytes, num_buffers)`` and each ``tail_bytes`` of
+    ``tails`` (``None``: the Refitter's default) beside its raw ceilings.
 
     Returns ``{"config": {...}, "rows": [...]}``: one ``push`` and one ``raw buckets`` row per
     config (``vs_raw``: raw seconds over push seconds, same bucket sizes), then ``link`` and
@@ -258,17 +261,20 @@ def sweep(
     try:
         addresses = [a["address"] for a in world.answers("info", limit=timeout + 60)]  # CUDA init, state
         layouts: list[tuple[int, int, list[int]]] = []
-        for bucket_bytes, nb in configs:
-            with Refitter("nccl", peers=addresses, backend=str(chosen), device=dev, bucket_bytes=bucket_bytes, num_buffers=nb, timeout=timeout) as r:
+        for (bucket_bytes, nb), tail in itertools.product(configs, tails):
+            with Refitter(
+                "nccl", peers=addresses, backend=str(chosen), device=dev, bucket_bytes=bucket_bytes, num_buffers=nb, tail_bytes=tail, timeout=timeout
+            ) as r:
                 world.tell("push", reps + 1)
                 reports: list[RefitReport] = []
                 times = _timed(lambda: reports.append(r.push(state, scales)), world, "push", reps)  # noqa: B023 (called at once)
                 world.answers("check")
                 sizes = list(r.manifest.bucket_sizes) if r.manifest is not None else []
+                tail = r.tail_bytes
             layouts.append((bucket_bytes, nb, sizes))
             stages = {"sender": _ms(reports[-1].seconds)} | {x.peer: _ms(x.seconds) for x in reports[-1].receivers}
-            rows.append(_row("push", nbytes, times, bucket_bytes=bucket_bytes, num_buffers=nb, buckets=len(sizes), stages_ms=stages))
-            say(f"push {bucket_bytes >> 20} MiB x {nb}: {rows[-1]['gbps']:.1f} GB/s")
+            rows.append(_row("push", nbytes, times, bucket_bytes=bucket_bytes, num_buffers=nb, tail_bytes=tail, buckets=len(sizes), stages_ms=stages))
+            say(f"push {bucket_bytes >> 20} MiB x {nb}, tail {tail >> 20} MiB: {rows[-1]['gbps']:.1f} GB/s")
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
         comm, store = _raw_group(world, chosen, dev, timeout)
@@ -276,7 +282,8 @@ def sweep(
             for (bucket_bytes, nb, sizes), push in zip(layouts, [r for r in rows if r["method"] == "push"]):
                 world.tell("raw", sizes, nb, reps + 1)
                 run = _raw_step(("raw", sizes, nb), comm, [], str(dev))
-                raw = _row("raw buckets", nbytes, _timed(run, world, "raw", reps), bucket_bytes=bucket_bytes, num_buffers=nb, buckets=len(sizes))
+                times = _timed(run, world, "raw", reps)
+                raw = _row("raw buckets", nbytes, times, bucket_bytes=bucket_bytes, num_buffers=nb, tail_bytes=push["tail_bytes"], buckets=len(sizes))
                 del run
                 push["vs_raw"] = raw["seconds"] / push["seconds"]
                 rows.append(raw)
@@ -319,13 +326,14 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         f"backend {c['backend']}, sender {c['device']}, {c['receivers']} receiver(s), {c['tensors']} tensors ({c['scales']} 0-d scales), "
         f"{c['bytes'] / 1e9:.3f} GB, median of {c['reps']} after a warm-up",
-        f"{'method':<12}{'bucket MiB':>11}{'buffers':>8}{'buckets':>8}{'seconds':>10}{'GB/s':>9}{'push/raw':>9}",
+        f"{'method':<12}{'bucket MiB':>11}{'buffers':>8}{'tail MiB':>9}{'buckets':>8}{'seconds':>10}{'GB/s':>9}{'push/raw':>9}",
     ]
     for r in result["rows"]:
         mib = f"{r['bucket_bytes'] >> 20}" if "bucket_bytes" in r else "-"
         nb = str(r.get("num_buffers", "-"))
+        tail = f"{r['tail_bytes'] >> 20}" if "tail_bytes" in r else "-"
         ratio = f"{r['vs_raw']:.3f}" if "vs_raw" in r else ""
-        lines.append(f"{r['method']:<12}{mib:>11}{nb:>8}{r['buckets']:>8}{r['seconds']:>10.4f}{r['gbps']:>9.2f}{ratio:>9}")
+        lines.append(f"{r['method']:<12}{mib:>11}{nb:>8}{tail:>9}{r['buckets']:>8}{r['seconds']:>10.4f}{r['gbps']:>9.2f}{ratio:>9}")
     pushes = [r for r in result["rows"] if "vs_raw" in r]
     if pushes:
         best = max(pushes, key=lambda r: r["gbps"])
@@ -333,7 +341,7 @@ def table(result: dict[str, Any]) -> str:
         for peer, ms in best["stages_ms"].items():
             lines.append(f"  stages of its last push, {peer} (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()))
         lines.append(
-            f"best push {best['gbps']:.1f} GB/s ({best['bucket_bytes'] >> 20} MiB x {best['num_buffers']}): "
+            f"best push {best['gbps']:.1f} GB/s ({best['bucket_bytes'] >> 20} MiB x {best['num_buffers']}, tail {best['tail_bytes'] >> 20} MiB): "
             f"{best['vs_raw']:.3f} of raw at its bucket size; {best['gbps'] / raw['gbps']:.3f} of the best raw ({raw['gbps']:.1f} GB/s)"
         )
     return "\n".join(lines)

@@ -15,12 +15,13 @@ pytestmark = pytest.mark.integration
 
 
 def test_sweep_rows_and_table() -> None:
-    out = sweep(get_shape("tiny"), [(1 << 20, 1), (256 << 10, 2)], receivers=2, device="cpu", reps=1, timeout=30)
+    out = sweep(get_shape("tiny"), [(1 << 20, 1), (256 << 10, 2)], receivers=2, device="cpu", reps=1, timeout=30, tails=(0, 64 << 10))
     methods = [r["method"] for r in out["rows"]]
-    assert methods == ["push", "push", "raw buckets", "raw buckets", "link", "per tensor"]
+    assert methods == ["push"] * 4 + ["raw buckets"] * 4 + ["link", "per tensor"]
     pushes = [r for r in out["rows"] if r["method"] == "push"]
-    assert [(r["bucket_bytes"], r["num_buffers"]) for r in pushes] == [(1 << 20, 1), (256 << 10, 2)]
-    assert pushes[1]["buckets"] > pushes[0]["buckets"] >= 1
+    assert [(r["bucket_bytes"], r["num_buffers"], r["tail_bytes"]) for r in pushes] == [(b, n, t) for b, n in [(1 << 20, 1), (256 << 10, 2)] for t in (0, 64 << 10)]
+    assert pushes[2]["buckets"] > pushes[0]["buckets"] >= 1
+    assert pushes[1]["buckets"] > pushes[0]["buckets"]  # the tail cut off the end of the one bucket
     assert all(r["vs_raw"] > 0 and r["gbps"] > 0 for r in pushes)
     assert out["config"]["backend"] == "gloo" and out["config"]["tensors"] == 39
     text = table(out)

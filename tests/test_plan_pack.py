@@ -16,10 +16,11 @@ from tests.conftest import every_dtype_state, random_tensor, same_bits
 pytestmark = pytest.mark.unit
 
 
-def roundtrip(state: dict[str, torch.Tensor | Lazy], bucket_bytes: int, alignment: int = 256, device: str = "cpu") -> dict[str, torch.Tensor]:
+def roundtrip(state: dict[str, torch.Tensor | Lazy], bucket_bytes: int, alignment: int = 256, device: str = "cpu", tail_bytes: int = 0) -> dict[str, torch.Tensor]:
     """Plan, pack into buckets on ``device``, unpack and reassemble; returns the received tensors."""
     entries = [PlanEntry(n, tuple(t.shape), t.dtype) for n, t in state.items()]
-    m = plan(entries, bucket_bytes=bucket_bytes, alignment=alignment)
+    m = plan(entries, bucket_bytes=bucket_bytes, alignment=alignment, tail_bytes=tail_bytes)
+    assert all(size <= bucket_bytes for size in m.bucket_sizes)
     out: dict[str, torch.Tensor] = {}
     for b, metas in enumerate(m.by_bucket):
         bucket = torch.full((bucket_bytes,), 0xAB, dtype=torch.uint8, device=device)
@@ -124,10 +125,25 @@ def test_planner_refuses_bad_entries(entries: list[PlanEntry], match: str) -> No
         plan(entries, bucket_bytes=1024)
 
 
-@pytest.mark.parametrize(("bucket_bytes", "alignment"), [(1000, 256), (1024, 100), (128, 256), (1024, 8)])
-def test_planner_refuses_bad_options(bucket_bytes: int, alignment: int) -> None:
+@pytest.mark.parametrize(("bucket_bytes", "alignment", "tail_bytes"), [(1000, 256, 0), (1024, 100, 0), (128, 256, 0), (1024, 8, 0), (1024, 256, 1024), (1024, 256, -1), (1024, 256, True)])
+def test_planner_refuses_bad_options(bucket_bytes: int, alignment: int, tail_bytes: int) -> None:
     with pytest.raises(PlanError):
-        plan([], bucket_bytes=bucket_bytes, alignment=alignment)
+        plan([], bucket_bytes=bucket_bytes, alignment=alignment, tail_bytes=tail_bytes)
+
+
+def test_tail_bytes_cuts_the_last_bucket_short() -> None:
+    mib = 1 << 20
+    # Llama-like tail: layers of 100 MiB, then a 1000 MiB head that fits a 1 GiB bucket whole
+    entries = [PlanEntry(f"l{i}", (100 * mib,), torch.uint8) for i in range(25)] + [PlanEntry("head", (1000 * mib,), torch.uint8)]
+    full = plan(entries, bucket_bytes=1024 * mib)
+    cut = plan(entries, bucket_bytes=1024 * mib, tail_bytes=64 * mib)
+    assert full.bucket_sizes[-1] == 1000 * mib  # the head alone: its apply overlaps nothing
+    assert cut.bucket_sizes[-1] <= 128 * mib and sum(cut.bucket_sizes) == sum(full.bucket_sizes)
+    assert cut.num_buckets <= full.num_buckets + 2
+    head = [m for m in cut.metas if m.name == "head"]
+    assert len(head) > 1 and head[-1].bucket == cut.num_buckets - 1  # chunked: its last piece is short
+    # a state shorter than twice the tail is one bucket, as without a tail
+    assert plan(entries[:1], bucket_bytes=1024 * mib, tail_bytes=64 * mib).num_buckets == 1
 
 
 _dtypes = st.sampled_from(sorted(DTYPES))
@@ -139,11 +155,15 @@ _shapes = st.lists(st.integers(0, 40), min_size=0, max_size=3).map(tuple)
     specs=st.lists(st.tuples(_dtypes, _shapes), min_size=1, max_size=12),
     bucket_kib=st.sampled_from([1, 2, 4]),
     alignment=st.sampled_from([16, 64, 256]),
+    tail=st.sampled_from([0, 16, 256, 700]),
     seed=st.integers(0, 2**31),
 )
-def test_property_random_states_roundtrip(specs: list[tuple[str, tuple[int, ...]]], bucket_kib: int, alignment: int, seed: int) -> None:
+def test_property_random_states_roundtrip(specs: list[tuple[str, tuple[int, ...]]], bucket_kib: int, alignment: int, tail: int, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     state = {f"t{i}": random_tensor(shape, DTYPES[d], gen) for i, (d, shape) in enumerate(specs)}
-    got = roundtrip(state, bucket_bytes=bucket_kib * 1024, alignment=alignment)
+    got = roundtrip(state, bucket_bytes=bucket_kib * 1024, alignment=alignment, tail_bytes=tail)
     for k, v in state.items():
         assert same_bits(got[k], v), k
+    if tail:  # the last bucket holds at most twice the tail (plus the rounding to alignment)
+        m = plan([PlanEntry(n, tuple(t.shape), t.dtype) for n, t in state.items()], bucket_bytes=bucket_kib * 1024, alignment=alignment, tail_bytes=tail)
+        assert sum(x.nbytes for x in m.metas if x.bucket == m.num_buckets - 1) <= 2 * tail + alignment
