@@ -69,26 +69,27 @@ class Peer:
     def send(self, msg: Message, *data: Any) -> None:
         try:
             self.sock.send_multipart([encode(msg), *data], copy=False)
-        except zmq.Again:
-            raise TransportError(f"receiver {self.address}: could not send {type(msg).__name__} within {self.timeout} s") from None
+        except zmq.Again:  # nothing connected to take it: unreachable, or the CURVE handshake failed
+            what = f"could not send {type(msg).__name__}: no connection"
+            raise TransportError(f"receiver {self.address} did not answer within {self.timeout} s ({what}){self._unheard()}") from None
 
     def recv(self, phase: str, bucket: int | None = None) -> Message:
         """Next message from this receiver, or TransportError after ``timeout``."""
         if not self.sock.poll(poll_ms(self.timeout)):
             where = f", bucket {bucket}" if bucket is not None else ""
-            hint = ""
-            if phase.startswith("handshake"):  # a receiver that rejects our key says nothing: say what to check
-                hint = (
-                    "; it rejects senders whose CURVE key it does not expect: check that auth= holds the keys the receiver uses"
-                    if self.auth is not None
-                    else "; is it running and reachable? A receiver started with auth= drops senders without its key: pass the same auth="
-                )
+            hint = self._unheard() if phase.startswith("handshake") else ""
             raise TransportError(f"receiver {self.address} did not answer within {self.timeout} s (phase {phase}{where}){hint}")
         frames = self.sock.recv_multipart()
         try:
             return decode(frames[0])
         except WireError as exc:
             raise TransportError(f"receiver {self.address} sent an invalid message in phase {phase}: {exc}") from exc
+
+    def _unheard(self) -> str:
+        """What to check when a receiver says nothing (one that rejects our key is silent)."""
+        if self.auth is not None:
+            return "; it rejects senders whose CURVE key it does not expect: check that auth= holds the keys the receiver uses"
+        return "; is it running and reachable? A receiver started with auth= drops senders without its key: pass the same auth="
 
     def close(self) -> None:
         self.sock.close(linger=0)
