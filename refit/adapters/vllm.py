@@ -65,7 +65,9 @@ def _replies(method: _Reply) -> _Reply:
         try:
             return method(self, *args, **kwargs)
         except BaseException as exc:
-            return _error(exc, self._refit_name())
+            error = _error(exc, self._refit_name())
+            self._refit_last_error = error["error"]["message"]
+            return error
 
     return wrapper
 
@@ -76,6 +78,8 @@ class RefitWorkerExtension:
     Every method returns plain values: ``{"error": {...}}`` on failure (never raises), so
     replies of multi-worker RPCs stay in step.
     """
+
+    _refit_last_error = ""  # the message of the last refit call that failed on this worker
 
     # -- set up
 
@@ -129,7 +133,13 @@ class RefitWorkerExtension:
         from refit.wire import manifest_from_wire
 
         loader = self._refit_loader()
-        problems = loader.prepare(manifest_from_wire(manifest), version)
+        try:
+            problems = loader.prepare(manifest_from_wire(manifest), version)
+        except RefitError:
+            raise
+        except Exception as exc:  # a fault while resolving: nothing was loaded, so it is a refusal
+            loader.abort(f"prepare failed: {exc}")
+            raise ResolveError(f"{loader.name} refused the push; nothing was loaded: resolving it raised {type(exc).__name__}: {exc}") from exc
         if problems:
             raise ResolveError(f"{loader.name} refused the push; nothing was loaded:\n" + problem_list(problems), problems)
         return {}
@@ -190,9 +200,10 @@ class RefitWorkerExtension:
 
     @_replies
     def refit_status(self) -> dict[str, Any]:
-        """This worker's committed version and whether it holds a half-applied push."""
+        """This worker's committed version, whether it holds a half-applied push, and the last
+        error one of its refit calls raised (``""``: none)."""
         loader = self._refit_loader()
-        return {"version": loader.version, "torn": loader.torn}
+        return {"version": loader.version, "torn": loader.torn, "last_error": self._refit_last_error}
 
     @_replies
     def refit_digest(self) -> dict[str, Any]:
@@ -302,8 +313,10 @@ class VllmEngine:
         return refitter.push(state, scales, version=version).receivers
 
     def status(self) -> list[dict[str, Any]]:
-        """Each worker's committed ``version`` and ``torn`` flag (a half-applied push)."""
-        return [{"version": int(r["version"]), "torn": bool(r["torn"])} for r in self.rpc("refit_status")]
+        """Each worker's committed ``version``, ``torn`` flag (it holds a half-applied push: every
+        layer whole, some old and some new, until the next complete push) and ``last_error``
+        (the last refit error on that worker, ``""`` if none)."""
+        return [{"version": int(r["version"]), "torn": bool(r["torn"]), "last_error": str(r.get("last_error", ""))} for r in self.rpc("refit_status")]
 
     def close(self) -> None:
         """Close the workers' receivers. The handle stays usable: a later ``Refitter(engine=...)``

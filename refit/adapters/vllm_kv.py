@@ -84,7 +84,19 @@ class KvBuffers:
         for (module, attr), value in self.values.items():
             mod = self.model.get_submodule(module)
             getattr(mod, attr).copy_(value)
-            if hasattr(mod, f"{attr}_float"):
-                setattr(mod, f"{attr}_float", float(value))
-            if hasattr(mod, f"{attr}_cpu"):
-                setattr(mod, f"{attr}_cpu", value.detach().to("cpu").clone())
+            _set_copies(mod, attr, value)
+
+
+def _set_copies(mod: torch.nn.Module, attr: str, value: torch.Tensor) -> None:
+    if hasattr(mod, f"{attr}_float"):
+        setattr(mod, f"{attr}_float", float(value))
+    if hasattr(mod, f"{attr}_cpu"):
+        setattr(mod, f"{attr}_cpu", value.detach().to("cpu", torch.float32).clone())
+
+
+def sync_scale_copies(mod: torch.nn.Module) -> None:
+    """Make an attention layer's float / CPU copies of its 0-d scale buffers (``_k_scale``
+    -> ``_k_scale_float``, ``_k_scale_cpu``) equal the buffers again (kernels read either)."""
+    for attr, buf in mod._buffers.items():
+        if attr.startswith("_") and attr.endswith("_scale") and isinstance(buf, torch.Tensor) and buf.numel() == 1 and not buf.is_meta:
+            _set_copies(mod, attr, buf.reshape(()))

@@ -17,6 +17,13 @@ against HF, each with a test in tests/vllm):
   lm_head itself is processed, which a reload of ``embed_tokens`` does not do. Here every module
   sharing a parameter with a reloaded module that was not itself reloaded has its quantization
   method's post-load step run again (``UnquantizedEmbeddingMethod``: re-pack from the new value).
+* **A failure inside the reload** (a layer's post-load step raising, a load failing half-way)
+  leaves vLLM's layers on the meta device or half-processed, and every later push fails the
+  same way: the engine is bricked. Here every layer still waiting in the reload gets back the
+  tensors its kernels hold (old values for a layer the push had not finished, new ones for a
+  layer it had), attention layers' float copies of their scales are re-read from their
+  buffers, and the reload state is cleared: the engine is torn (each layer whole, some old and
+  some new) and the next push reloads normally.
 * **Log noise**: vLLM warns ``<Layer>: Failed to load weights`` for every layer a reload did not
   fill (``RotaryEmbedding`` on every push, untouched layers on a partial push). refit checks
   coverage itself (whole layers, every name resolved), so the warning is dropped for layers the
@@ -30,7 +37,10 @@ from typing import Any
 import torch
 from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
 from vllm.model_executor.model_loader import reload as vllm_reload
+from vllm.model_executor.model_loader.reload import layerwise
 from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+
+from refit.adapters.vllm_kv import sync_scale_copies
 
 
 class LayerwiseReload:
@@ -75,12 +85,42 @@ class LayerwiseReload:
                 info.load_numel_total = 0  # not a failure: this push did not carry the layer
         try:
             vllm_reload.finalize_layerwise_reload(self.model, self.model_config)
+        except BaseException:
+            self._put_back()
+            raise
         finally:
-            for qm, kernel in self._moe_kernels.values():
-                if qm.moe_kernel is None:  # not reloaded: keep the kernel it had
-                    qm.moe_kernel = kernel
-            self._moe_kernels.clear()
+            self._restore_moe_kernels()
         self._repack_tied()
+
+    def rescue(self) -> None:
+        """End a reload that failed or was abandoned without running any post-load step: every
+        layer still waiting gets its kernels' tensors back (see the module doc)."""
+        if not self.active:
+            return
+        self.active = False
+        try:
+            self._put_back()
+        finally:
+            self._restore_moe_kernels()
+
+    def _put_back(self) -> None:
+        if hasattr(self.model, "_original_do_torchao_reload"):
+            self.model._do_torchao_reload = self.model._original_do_torchao_reload
+        for mod in self.model.modules():
+            info = get_layerwise_info(mod)
+            if not info.can_load():
+                continue
+            if info.kernel_tensors is not None:
+                layerwise._place_kernel_tensors(mod, info)
+            info.reset()
+            sync_scale_copies(mod)
+        layerwise.LOADING_LAYERS.clear()
+
+    def _restore_moe_kernels(self) -> None:
+        for qm, kernel in self._moe_kernels.values():
+            if qm.moe_kernel is None:  # not reloaded: keep the kernel it had
+                qm.moe_kernel = kernel
+        self._moe_kernels.clear()
 
     def _repack_tied(self) -> None:
         done: set[int] = set()

@@ -243,11 +243,11 @@ class VllmResolver:
         self._kv.reapply()
 
     def abandon(self) -> None:
-        """A push broke: put back every layer not yet loaded (the engine stays torn)."""
+        """A push broke: every layer it had not finished gets its tensors back, unprocessed
+        (the engine stays torn: each layer whole, old or new)."""
         self._tied.clear()
         self.loads.clear()
-        with self._context():
-            self._reload.finish()
+        self._reload.rescue()
 
     def _context(self) -> AbstractContextManager[Any]:
         if self.vllm_config is None:

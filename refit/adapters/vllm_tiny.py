@@ -137,8 +137,9 @@ def engine_kwargs(model_dir: str, dtype: str = "float32") -> dict[str, Any]:
     }
 
 
-def start_engine(model_dir: str, *, tp: int = 1, pp: int = 1, dtype: str = "float32") -> Any:
-    """A ``vllm.LLM`` on CPU with refit's worker extension and dummy weights."""
+def start_engine(model_dir: str, *, tp: int = 1, pp: int = 1, dtype: str = "float32", **extra: Any) -> Any:
+    """A ``vllm.LLM`` on CPU with refit's worker extension and dummy weights; ``extra``
+    engine arguments override the defaults (e.g. ``kv_cache_dtype="fp8"``)."""
     offline_env()
     from vllm import LLM
 
@@ -150,7 +151,7 @@ def start_engine(model_dir: str, *, tp: int = 1, pp: int = 1, dtype: str = "floa
     kwargs: dict[str, Any] = {}
     if workers > 1:
         kwargs["distributed_executor_backend"] = "mp"
-    llm = LLM(**engine_kwargs(model_dir, dtype), tensor_parallel_size=tp, pipeline_parallel_size=pp, **kwargs)
+    llm = LLM(**(engine_kwargs(model_dir, dtype) | kwargs | extra), tensor_parallel_size=tp, pipeline_parallel_size=pp)
     if pp > 1:
         from refit.adapters.vllm import raise_errors
 
