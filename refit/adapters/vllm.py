@@ -159,6 +159,15 @@ class RefitWorkerExtension:
             raise
 
     @_replies
+    def refit_targets(self, entries: list[tuple[str, list[int], str]]) -> dict[str, Any]:
+        """For each ``(name, shape, dtype name)``: what a push of it would meet on this worker
+        (see :meth:`VllmResolver.describe`); nothing is loaded."""
+        from refit.meta import dtype_from_name
+
+        resolver = self._refit_loader().resolver
+        return {"targets": {name: resolver.describe(name, tuple(shape), dtype_from_name(dtype)) for name, shape, dtype in entries}}
+
+    @_replies
     def refit_abort(self, reason: str) -> dict[str, Any]:
         """Drop a prepared push (nothing of it was applied)."""
         self._refit_loader().abort(reason)
@@ -311,6 +320,32 @@ class VllmEngine:
 
         refitter = Refitter(RpcSender(self), bucket_bytes=bucket_bytes)
         return refitter.push(state, scales, version=version).receivers
+
+    def targets(self, state: Mapping[str, Any]) -> list[dict[str, dict[str, Any]]]:
+        """Ask before pushing: per worker, for each name of ``state`` (name -> tensor, or
+        anything with ``shape`` and ``dtype`` such as :class:`refit.Lazy`), what a push of it
+        would meet there, loading nothing:
+
+        * ``kind``: ``"weight"``, ``"scale"``, ``"amax"``, ``"remote"`` (another pipeline
+          stage loads it) or ``"unknown"``;
+        * ``dtype``: the target's dtype name (``None`` for remote and unknown): cast once to it;
+        * ``shape``: the shape to send (the expected one where the given shape is refused);
+        * ``key``: what it fills in the vLLM model; ``problem``: why a push would be refused
+          (``""``: it would be accepted).
+
+        Example::
+
+            want = engine.targets(state)[0]
+            state = {k: v.to(getattr(torch, want[k]["dtype"])) for k, v in state.items() if want[k]["dtype"]}
+        """
+        from refit.meta import dtype_name
+
+        entries = []
+        for name, value in state.items():
+            if not isinstance(name, str) or not hasattr(value, "shape") or not hasattr(value, "dtype"):
+                raise RefitError(f"targets(): {name!r} must map to a tensor (or anything with shape and dtype), got {type(value).__name__}")
+            entries.append((name, [int(d) for d in value.shape], dtype_name(value.dtype)))
+        return [r["targets"] for r in self.rpc("refit_targets", entries)]
 
     def status(self) -> list[dict[str, Any]]:
         """Each worker's committed ``version``, ``torn`` flag (it holds a half-applied push: every

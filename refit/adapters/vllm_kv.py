@@ -5,48 +5,97 @@
   resolves to that buffer; the value is kept and re-written (buffer, ``_k_scale_float``,
   ``_k_scale_cpu``) after every post-load step, because vLLM resets those to 1.0 when the
   cache is not quantized.
-* ModelOpt amax names (``k_bmm_quantizer._amax``, ``input_quantizer._amax``,
-  ``weight_quantizer._amax``) are renamed to the scale vLLM loads (``k_scale``,
-  ``input_scale``, ``weight_scale``) with ``scale = amax / 448`` (float8_e4m3fn max). Where a
-  fused layer keeps one scale for several shards, vLLM's own post-load step merges the shard
-  scales with max; nothing is merged here.
+* ModelOpt amax (``*_quantizer._amax``: simulated quantization, as in quantization-aware RL)
+  lands **unchanged** in the ``_amax`` buffer of the quantizer ModelOpt installed in the vLLM
+  model, found through the model's HF-to-vLLM mapper plus one ModelOpt step (vLLM's attention
+  keeps the K/V quantizers under its inner ``.attn.`` module). It is written after the reload's
+  post-load steps (which take a layer's buffers away while it reloads). An amax whose buffer
+  this engine does not have is refused: it is never turned into a scale behind the user's
+  back. Where a native FP8 scale is wanted, ``refit.scales.amax_to_scale`` converts
+  explicitly, naming the cache dtype.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 
 import torch
 from vllm.model_executor.model_loader.weight_utils import maybe_remap_kv_scale_name
 
 from refit.resolve import Placement, Resolution
 
-FP8_E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
 KV_SCALE_SUFFIXES = (".k_scale", ".v_scale", ".q_scale", ".kv_scale", ".k_cache.scale", ".v_cache.scale")
-# ModelOpt quantizer state (as a QAT trainer holds it) -> the scale name vLLM loads.
-MODELOPT_AMAX = (
-    (re.compile(r"\.([kv])_bmm_quantizer\._amax$"), r".\1_scale"),
-    (re.compile(r"\.input_quantizer\._amax$"), ".input_scale"),
-    (re.compile(r"\.weight_quantizer\._amax$"), ".weight_scale"),
-)
+AMAX_SUFFIX = "_quantizer._amax"
+# ModelOpt's vLLM support puts the attention's K/V (and softmax) quantizers on the inner
+# ``attn`` module: HF ``self_attn.k_bmm_quantizer`` is vLLM ``self_attn.attn.k_bmm_quantizer``.
+_ATTN_QUANTIZER = re.compile(r"^(.*)\.((?:[qkv]|softmax)_bmm_quantizer\._amax)$")
 
 
-def amax_scale_name(name: str) -> str | None:
-    """The scale name vLLM loads for a ModelOpt amax name, or None if ``name`` is not one."""
-    for pattern, repl in MODELOPT_AMAX:
-        if pattern.search(name):
-            return pattern.sub(repl, name)
-    return None
+def is_amax_name(name: str) -> bool:
+    """A ModelOpt quantizer amax (``*_quantizer._amax``)."""
+    return name.endswith(AMAX_SUFFIX)
 
 
-def amax_loader(inner: Callable[[torch.Tensor], None]) -> Callable[[torch.Tensor], None]:
-    """A loader of an amax that loads ``amax / 448`` through the scale's loader ``inner``."""
+class AmaxBuffers:
+    """ModelOpt ``_amax`` buffers of a vLLM model: resolved by qualified name, written unchanged
+    after the reload (see the module doc)."""
 
-    def load_amax(t: torch.Tensor) -> None:
-        inner((t.float() / FP8_E4M3_MAX).to(t.dtype))
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.pending: dict[str, torch.Tensor] = {}
+        self._buffers: dict[str, torch.Tensor] | None = None
 
-    return load_amax
+    def candidates(self, mapped: str) -> list[str]:
+        """Where the vLLM model may hold ``mapped`` (an HF amax name after the model's mapper)."""
+        out = [mapped]
+        m = _ATTN_QUANTIZER.match(mapped)
+        if m is not None and not m.group(1).endswith(".attn"):
+            out.append(f"{m.group(1)}.attn.{m.group(2)}")
+        return out
+
+    def find(self, mapped: str) -> tuple[str, torch.Tensor] | None:
+        """The buffer an amax lands in, or None (the buffer list is re-read once on a miss, so
+        quantizers installed after the first push are found)."""
+        for fresh in (False, True):
+            if fresh or self._buffers is None:
+                self._buffers = {n: b for n, b in self.model.named_buffers() if n.endswith(AMAX_SUFFIX)}
+            for key in self.candidates(mapped):
+                if key in self._buffers:
+                    return key, self._buffers[key]
+        return None
+
+    def resolve(self, name: str, mapped: str, shape: tuple[int, ...], dtype: torch.dtype) -> Resolution | None:
+        """The buffer an amax name lands in (None: no such buffer here)."""
+        found = self.find(mapped)
+        if found is None:
+            return None
+        key, buf = found
+        same = tuple(shape) == tuple(buf.shape) or (buf.numel() == 1 and tuple(shape) in ((), (1,)))
+        if not same:
+            return Resolution(Placement.LOCAL, key=key, problem=f"{name}: shape {list(shape)} does not match {key} {list(buf.shape)}")
+        if dtype != buf.dtype:
+            return Resolution(Placement.LOCAL, key=key, problem=f"{name}: dtype {dtype} does not match {key} {buf.dtype}; convert it on the sender")
+
+        def keep(t: torch.Tensor) -> None:
+            self.pending[key] = t.detach().reshape(buf.shape).clone()
+
+        return Resolution(Placement.LOCAL, load=keep, key=key)
+
+    def write(self) -> None:
+        """Write the pushed amax into their buffers (after the reload: see the module doc)."""
+        for key, value in self.pending.items():
+            mod, _, attr = key.rpartition(".")
+            getattr(self.model.get_submodule(mod), attr).copy_(value)
+        self.pending.clear()
+
+    def missing(self, name: str, mapped: str) -> str:
+        """The refusal of an amax with no buffer here."""
+        return (
+            f"{name}: this engine has no ModelOpt quantizer buffer for it (looked for {' or '.join(self.candidates(mapped))}); "
+            "an amax lands unchanged in the quantizer ModelOpt installed in the vLLM model and is never converted. "
+            "Quantize the engine's model with ModelOpt, or push a native scale instead: "
+            "refit.scales.amax_to_scale(amax, cache_dtype) under the scale's name (e.g. self_attn.k_scale)"
+        )
 
 
 class KvBuffers:

@@ -24,7 +24,7 @@ Classification:
 
 Where each part lives: the shadow (``vllm_shadow``), probing as every tensor-parallel rank
 and the exact-shape check (``vllm_probe``, ``vllm_reads``), tied embeddings (``vllm_tied``),
-unquantized KV-cache scales and ModelOpt amax names (``vllm_kv``), loading per bucket
+unquantized KV-cache scales and ModelOpt amax buffers (``vllm_kv``), loading per bucket
 (``vllm_load``) and vLLM's layer-wise reload with what refit adds to it (``vllm_reload``).
 
 Why layer-wise reload: the CPU backend repacks linear weights into kernel formats (in float32
@@ -47,7 +47,7 @@ from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.attention import is_deferred_attention_layer
 from vllm.model_executor.models.utils import PPMissingLayer, StageMissingLayer, get_pp_missing_layer_names
 
-from refit.adapters.vllm_kv import KV_SCALE_SUFFIXES, KvBuffers, amax_loader, amax_scale_name
+from refit.adapters.vllm_kv import KV_SCALE_SUFFIXES, AmaxBuffers, KvBuffers, is_amax_name
 from refit.adapters.vllm_load import BucketLoads
 from refit.adapters.vllm_probe import Prober
 from refit.adapters.vllm_reload import LayerwiseReload
@@ -56,6 +56,7 @@ from refit.adapters.vllm_tied import TiedPairs, tied_input
 from refit.load import Loader
 from refit.meta import Manifest, TensorMeta
 from refit.resolve import Placement, Resolution
+from refit.scales import is_amax, is_scale
 
 __all__ = ["Hit", "VllmLoader", "VllmResolver"]
 
@@ -89,6 +90,7 @@ class VllmResolver:
         self._prober = Prober(model, self._shadow, tp, self._context)
         self._tied = TiedPairs()
         self._kv = KvBuffers(model)
+        self._amax = AmaxBuffers(model)
         self.loads = BucketLoads(model, self._reload, self._context)
 
     # ---------------------------------------------------------------- resolution
@@ -103,9 +105,8 @@ class VllmResolver:
         return self._cache[ck][0]
 
     def _resolve(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Resolution, list[Hit]]:
-        scale_name = amax_scale_name(name)
-        if scale_name is not None:
-            return self._resolve_amax(name, scale_name, shape, dtype)
+        if is_amax_name(name):
+            return self._resolve_amax(name, shape, dtype)
         probe = self._prober.probe(name, shape, dtype)
         embed = tied_input(name, probe, self._aliases, self.model, self.vllm_config)
         if embed is None and probe.hits and not probe.error:
@@ -177,12 +178,40 @@ class VllmResolver:
             return mapped if mapped is not None else name
         return name
 
-    def _resolve_amax(self, name: str, scale_name: str, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Resolution, list[Hit]]:
-        res, hits = self._resolve(scale_name, shape, dtype)
-        if res.placement is not Placement.LOCAL or res.problem or res.load is None:
-            problem = res.problem.replace(scale_name, f"{name} (as {scale_name})") if res.problem else ""
-            return Resolution(res.placement, key=res.key or name, problem=problem), hits
-        return Resolution(Placement.LOCAL, load=amax_loader(res.load), key=res.key), hits
+    def _resolve_amax(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Resolution, list[Hit]]:
+        """A ModelOpt amax: its quantizer's buffer here, else remote, else refused (fail closed)."""
+        mapped = self._vllm_name(name)
+        res = self._amax.resolve(name, mapped, shape, dtype) or self._remote(name, shape, dtype)
+        return res or Resolution(Placement.UNKNOWN, key=name, problem=self._amax.missing(name, mapped)), []
+
+    def describe(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, Any]:
+        """What a push of ``name`` (``shape``, ``dtype``) would meet here, without loading:
+        ``kind`` (weight, scale, amax, remote, unknown), the target's ``dtype`` and the
+        ``shape`` to send (the expected one where ``shape`` is refused), the vLLM ``key`` and
+        the ``problem`` a push would be refused with (``""``: accepted)."""
+        res, hits = self._resolve(name, shape, dtype)
+        sent = list(shape)
+        if res.placement is Placement.UNKNOWN and not is_amax_name(name):  # a refused shape: what would fit?
+            expected = self._prober.expected(name, shape, dtype)
+            if expected is not None:
+                again, hits = self._resolve(name, tuple(expected), dtype)
+                if again.placement is Placement.LOCAL:
+                    res, sent = Resolution(Placement.LOCAL, key=again.key, problem=res.problem), expected
+        out: dict[str, Any] = {"key": res.key, "problem": res.problem, "shape": sent, "dtype": None}
+        if res.placement is Placement.REMOTE:
+            return out | {"kind": "remote"}
+        if res.placement is not Placement.LOCAL:
+            return out | {"kind": "unknown"}
+        out["kind"] = "amax" if is_amax(name) else "scale" if is_scale(name) else "weight"
+        if hits:
+            target = self._shadow.target(hits[0].module, hits[0].attr)
+        else:  # a KV-cache or amax buffer, by its qualified name
+            module, _, attr = res.key.rpartition(".")
+            target = getattr(self.model.get_submodule(module), attr)
+            if res.problem and "shape" in res.problem:
+                out["shape"] = list(target.shape)
+        out["dtype"] = str(target.dtype).removeprefix("torch.")
+        return out
 
     def _suggest(self, name: str) -> str:
         from refit.resolve import suggest
@@ -241,12 +270,14 @@ class VllmResolver:
         with self._context():
             self._reload.finish()
         self._kv.reapply()
+        self._amax.write()
 
     def abandon(self) -> None:
         """A push broke: every layer it had not finished gets its tensors back, unprocessed
         (the engine stays torn: each layer whole, old or new)."""
         self._tied.clear()
         self.loads.clear()
+        self._amax.pending.clear()
         self._reload.rescue()
 
     def _context(self) -> AbstractContextManager[Any]:

@@ -28,10 +28,10 @@ NAMES = {
     "model.layers.0.self_attn.attn.k_scale": "model.layers.0.self_attn.attn.k_scale",
     "model.layers.0.self_attn.k_cache.scale": "model.layers.0.self_attn.attn.k_scale",
     "model.layers.1.self_attn.kv_scale": "model.layers.1.self_attn.attn.k_scale",
-    "model.layers.1.self_attn.v_bmm_quantizer._amax": "model.layers.1.self_attn.attn.v_scale",
+    "model.layers.1.self_attn.v_bmm_quantizer._amax": None,  # an amax lands only in a ModelOpt quantizer's buffer
     "model.layers.0.self_attn.q_proj.input_scale": "model.layers.0.self_attn.qkv_proj.input_scale['q']",
     "model.layers.0.self_attn.k_proj.weight_scale": "model.layers.0.self_attn.qkv_proj.weight_scale['k']",
-    "model.layers.0.self_attn.v_proj.input_quantizer._amax": "model.layers.0.self_attn.qkv_proj.input_scale['v']",
+    "model.layers.0.self_attn.v_proj.input_quantizer._amax": None,
     "model.layers.0.self_attn.k_scalee": None,
     "model.layers.0.mlp.down_proj.k_scale": None,
 }

@@ -89,10 +89,12 @@ def test_kv_scales_land_and_survive_weight_pushes(engine):
     assert vllm_greedy(llm) == hf_greedy(hf)
 
 
-def test_modelopt_amax_becomes_scale(engine):
+def test_modelopt_amax_without_its_quantizer_is_refused_never_converted(engine):
+    """An engine without ModelOpt quantizers has no buffer for an amax: the push is refused
+    (fail closed), naming where it looked and the explicit conversion, and nothing changes."""
     _, handle, _ = engine
-    handle.apply({}, {"model.layers.0.self_attn.k_bmm_quantizer._amax": torch.tensor(448.0 * 0.375)}, version=110)
-    assert read(handle, ["model.layers.0.self_attn.attn._k_scale"])[0]["model.layers.0.self_attn.attn._k_scale"].item() == 0.375
+    message = refused(handle, {"model.layers.0.self_attn.k_bmm_quantizer._amax": torch.tensor(448.0 * 0.375)}, version=110)
+    assert "model.layers.0.self_attn.attn.k_bmm_quantizer._amax" in message and "amax_to_scale" in message
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,14 @@
-"""A worker extension that fails on purpose: one armed failure per push phase, to prove that a
-push failing anywhere never leaves a vLLM engine unusable (tests/vllm/test_never_bricked.py).
+"""A worker extension for tests: failures armed on purpose (one per push phase), to prove that a
+push failing anywhere never leaves a vLLM engine unusable (tests/vllm/test_fp8_engines.py).
 
-Used as ``worker_extension_cls="tests.vllm.faulty.FaultyExtension"``; test code only.
+Used as ``worker_extension_cls="tests.vllm.harness.HarnessExtension"``; test code only.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import torch
 
 from refit.adapters.vllm import RefitWorkerExtension, _replies
 
@@ -25,7 +27,7 @@ def _once(what: str, restore: Any) -> Any:
     return fail
 
 
-class FaultyExtension(RefitWorkerExtension):
+class HarnessExtension(RefitWorkerExtension):
     @_replies
     def refit_test_fault(self, phase: str, layer: int = 1) -> dict[str, Any]:
         """Arm one failure for the next push:
@@ -50,4 +52,17 @@ class FaultyExtension(RefitWorkerExtension):
             attn.process_weights_after_loading = _once("post_load (attention)", lambda: delattr(attn, "process_weights_after_loading"))
         else:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        return {}
+
+    @_replies
+    def refit_test_quantizers(self, names: list[str]) -> dict[str, Any]:
+        """Install a stand-in for a ModelOpt quantizer (a module holding a float32 ``_amax``
+        buffer of 0.0) at each qualified vLLM module name, e.g.
+        ``model.layers.0.self_attn.attn.k_bmm_quantizer``."""
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        for name in names:
+            parent, _, child = name.rpartition(".")
+            quantizer = torch.nn.Module()
+            quantizer.register_buffer("_amax", torch.zeros((), dtype=torch.float32))
+            model.get_submodule(parent).add_module(child, quantizer)
         return {}
