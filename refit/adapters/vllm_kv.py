@@ -38,12 +38,21 @@ def is_amax_name(name: str) -> bool:
 
 class AmaxBuffers:
     """ModelOpt ``_amax`` buffers of a vLLM model: resolved by qualified name, written unchanged
-    after the reload (see the module doc)."""
+    after the reload (see the module doc).
+
+    A fused vLLM layer has one quantizer where HF has one per shard (``qkv_proj`` for
+    ``q_proj`` / ``k_proj`` / ``v_proj``, by the model's mapper or its own
+    ``packed_modules_mapping``): each shard's amax resolves to the fused buffer, which receives
+    the largest pushed (for an input quantizer the shards see the same input, so they are
+    equal).
+    """
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
-        self.pending: dict[str, torch.Tensor] = {}
+        self.pending: dict[str, list[torch.Tensor]] = {}  # buffer -> pushed values (one per shard)
         self._buffers: dict[str, torch.Tensor] | None = None
+        packed = getattr(model, "packed_modules_mapping", None) or {}
+        self._fused = {shard: fused for fused, shards in packed.items() for shard in shards}
 
     def candidates(self, mapped: str) -> list[str]:
         """Where the vLLM model may hold ``mapped`` (an HF amax name after the model's mapper)."""
@@ -51,6 +60,9 @@ class AmaxBuffers:
         m = _ATTN_QUANTIZER.match(mapped)
         if m is not None and not m.group(1).endswith(".attn"):
             out.append(f"{m.group(1)}.attn.{m.group(2)}")
+        parent, shard, tail = _split_quantizer(mapped)
+        if shard in self._fused:
+            out.append(f"{parent}{self._fused[shard]}.{tail}")
         return out
 
     def find(self, mapped: str) -> tuple[str, torch.Tensor] | None:
@@ -69,22 +81,28 @@ class AmaxBuffers:
         found = self.find(mapped)
         if found is None:
             return None
-        key, buf = found
+        buffer, buf = found
+        # the shards of one fused buffer (stacked by the model's mapper, or by its packed
+        # modules) are not duplicates of each other: one key per shard
+        shard, mapped_module, buffer_module = (_split_quantizer(n)[1] for n in (name, mapped, buffer))
+        stacked = shard != mapped_module or self._fused.get(shard) == buffer_module
+        key = f"{buffer}['{shard}']" if stacked else buffer
         same = tuple(shape) == tuple(buf.shape) or (buf.numel() == 1 and tuple(shape) in ((), (1,)))
         if not same:
-            return Resolution(Placement.LOCAL, key=key, problem=f"{name}: shape {list(shape)} does not match {key} {list(buf.shape)}")
+            return Resolution(Placement.LOCAL, key=key, problem=f"{name}: shape {list(shape)} does not match {buffer} {list(buf.shape)}")
         if dtype != buf.dtype:
-            return Resolution(Placement.LOCAL, key=key, problem=f"{name}: dtype {dtype} does not match {key} {buf.dtype}; convert it on the sender")
+            return Resolution(Placement.LOCAL, key=key, problem=f"{name}: dtype {dtype} does not match {buffer} {buf.dtype}; convert it on the sender")
 
         def keep(t: torch.Tensor) -> None:
-            self.pending[key] = t.detach().reshape(buf.shape).clone()
+            self.pending.setdefault(buffer, []).append(t.detach().reshape(buf.shape).clone())
 
         return Resolution(Placement.LOCAL, load=keep, key=key)
 
     def write(self) -> None:
         """Write the pushed amax into their buffers (after the reload: see the module doc)."""
-        for key, value in self.pending.items():
+        for key, values in self.pending.items():
             mod, _, attr = key.rpartition(".")
+            value = values[0] if len(values) == 1 else torch.stack(values).amax(dim=0)
             getattr(self.model.get_submodule(mod), attr).copy_(value)
         self.pending.clear()
 
@@ -96,6 +114,14 @@ class AmaxBuffers:
             "Quantize the engine's model with ModelOpt, or push a native scale instead: "
             "refit.scales.amax_to_scale(amax, cache_dtype) under the scale's name (e.g. self_attn.k_scale)"
         )
+
+
+def _split_quantizer(name: str) -> tuple[str, str, str]:
+    """``a.b.q_proj.input_quantizer._amax`` -> (``a.b.``, ``q_proj``, ``input_quantizer._amax``)."""
+    head, _, amax = name.rpartition(".")
+    head, _, quantizer = head.rpartition(".")
+    parent, _, module = head.rpartition(".")
+    return (f"{parent}." if parent else ""), module, f"{quantizer}.{amax}"
 
 
 class KvBuffers:

@@ -206,7 +206,7 @@ class VllmResolver:
         if hits:
             target = self._shadow.target(hits[0].module, hits[0].attr)
         else:  # a KV-cache or amax buffer, by its qualified name
-            module, _, attr = res.key.rpartition(".")
+            module, _, attr = res.key.partition("[")[0].rpartition(".")  # a fused buffer's key names the shard
             target = getattr(self.model.get_submodule(module), attr)
             if res.problem and "shape" in res.problem:
                 out["shape"] = list(target.shape)

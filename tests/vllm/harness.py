@@ -6,6 +6,7 @@ Used as ``worker_extension_cls="tests.vllm.harness.HarnessExtension"``; test cod
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -66,3 +67,24 @@ class HarnessExtension(RefitWorkerExtension):
             quantizer.register_buffer("_amax", torch.zeros((), dtype=torch.float32))
             model.get_submodule(parent).add_module(child, quantizer)
         return {}
+
+    @_replies
+    def refit_test_modelopt(self, step: str) -> dict[str, Any]:
+        """ModelOpt's own vLLM support on this worker's model: ``quantize`` (FP8 inputs and
+        weights plus the FP8 KV config, ModelOpt's merge helper) and start collecting amax
+        statistics (generate meanwhile), then ``calibrated`` (the amax buffers exist)."""
+        import modelopt.torch.quantization as mtq
+        from modelopt.torch.quantization.model_calib import enable_stats_collection, finish_stats_collection
+        from modelopt.torch.quantization.plugins.vllm import disable_compilation
+
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        if step == "quantize":
+            cfg = mtq.utils.update_quant_cfg_with_kv_cache_quant(copy.deepcopy(mtq.FP8_DEFAULT_CFG), copy.deepcopy(mtq.FP8_KV_CFG["quant_cfg"]))
+            with disable_compilation(model):
+                mtq.quantize(model, cfg, None)
+            enable_stats_collection(model)
+        elif step == "calibrated":
+            finish_stats_collection(model)
+        else:
+            raise ValueError(f"step must be 'quantize' or 'calibrated', got {step!r}")
+        return {"amax": {n: float(b) for n, b in model.named_buffers() if n.endswith("_quantizer._amax")}}
