@@ -91,7 +91,8 @@ class AmaxBuffers:
         if not same:
             return Resolution(Placement.LOCAL, key=key, problem=f"{name}: shape {list(shape)} does not match {buffer} {list(buf.shape)}")
         if dtype != buf.dtype:
-            return Resolution(Placement.LOCAL, key=key, problem=f"{name}: dtype {dtype} does not match {buffer} {buf.dtype}; convert it on the sender")
+            problem = f"{name}: dtype {dtype} does not match {buffer} {buf.dtype}; convert it on the sender"
+            return Resolution(Placement.LOCAL, key=key, problem=problem)
 
         def keep(t: torch.Tensor) -> None:
             self.pending.setdefault(buffer, []).append(t.detach().reshape(buf.shape).clone())
