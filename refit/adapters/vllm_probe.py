@@ -40,6 +40,7 @@ class Prober:
     def once(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Probe:
         """One probe as this rank (no coverage check)."""
         self.shadow.hits.clear()
+        self.shadow.reached.clear()
         probe = Probe()
         source = torch.empty(shape, dtype=dtype, device="meta")
         self.shadow.source, self.shadow.reads = source, probe.reads
@@ -52,6 +53,7 @@ class Prober:
         finally:
             self.shadow.source = None
         probe.hits = list(self.shadow.hits)
+        probe.reached = list(self.shadow.reached)
         return probe
 
     def probe(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Probe:

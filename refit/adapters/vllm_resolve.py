@@ -51,7 +51,7 @@ from refit.adapters.vllm_kv import KV_SCALE_SUFFIXES, AmaxBuffers, KvBuffers, is
 from refit.adapters.vllm_load import BucketLoads
 from refit.adapters.vllm_probe import Prober
 from refit.adapters.vllm_reload import LayerwiseReload
-from refit.adapters.vllm_shadow import Hit, Shadow
+from refit.adapters.vllm_shadow import Hit, Probe, Shadow
 from refit.adapters.vllm_tied import TiedPairs, tied_input
 from refit.load import Loader
 from refit.meta import Manifest, TensorMeta
@@ -130,10 +130,30 @@ class VllmResolver:
                 return Resolution(Placement.LOCAL, load=self._tied.loader(name, embed, hits, self._load), key=key), hits
             return Resolution(Placement.UNKNOWN, key=name, problem=f"{name}: the output embedding is tied to {embed}: {res.problem or 'unknown'}"), []
         if probe.error:
-            expected = self._prober.expected(name, shape, dtype)
-            note = f"; expected {expected}" if expected else ""
-            return Resolution(Placement.UNKNOWN, key=name, problem=f"{name}: {probe.error.rstrip('.')}{note}"), []
+            return Resolution(Placement.UNKNOWN, key=name, problem=self._probe_problem(name, shape, dtype, probe)), []
         return Resolution(Placement.UNKNOWN, key=name, problem=f"{name}: no parameter of this model takes it{self._suggest(name)}"), []
+
+    def _probe_problem(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, probe: Probe) -> str:
+        """Why vLLM's loading code refused ``name``, in terms a trainer can act on."""
+        if probe.reached:  # a parameter's loader took it and refused: name the parameter and its shape
+            module, attr = probe.reached[0]
+            target = self._shadow.target(module, attr)
+            expected = self._prober.expected(name, shape, dtype)
+            want = f"expected {expected}" if expected else f"the parameter is {list(target.shape)} {target.dtype}"
+            return f"{name}: shape {list(shape)} / {dtype} does not fit {module}.{attr} ({want}); vLLM's loader said: {probe.error}"
+        mapped = self._vllm_name(name)
+        parent = mapped.rpartition(".")[0]
+        try:
+            layer = self.model.get_submodule(parent)
+        except AttributeError:
+            layer = None
+        if is_scale(name) and layer is not None:  # a scale for a layer this engine does not quantize that way
+            held = sorted(n for n, _ in layer.named_parameters(recurse=False)) + sorted(n for n, _ in layer.named_buffers(recurse=False))
+            return (
+                f"{name}: this engine has no {mapped.rpartition('.')[2]} for {parent} ({type(layer).__name__} holds {', '.join(held) or 'nothing'}): "
+                "its quantization config does not create that scale; push it only to an engine quantized that way, or leave it out"
+            )
+        return f"{name}: {probe.error.rstrip('.')}{self._suggest(name)}"
 
     def _dtype_problem(self, name: str, dtype: torch.dtype, hits: list[Hit]) -> str:
         for h in hits:
@@ -167,8 +187,8 @@ class VllmResolver:
         return Resolution(
             Placement.UNKNOWN,
             key=name,
-            problem=f"{name}: {prefix} belongs to another pipeline stage, but the same name under the local "
-            f"{parent}.{siblings[0]} is refused: {res.problem or 'unknown'}",
+            problem=f"{name}: {prefix} belongs to another pipeline stage, but the same name for the local "
+            f"{parent}.{sibling} is refused there: {res.problem or 'unknown'}",
         )
 
     def _vllm_name(self, name: str) -> str:
@@ -190,22 +210,25 @@ class VllmResolver:
         ``shape`` to send (the expected one where ``shape`` is refused), the vLLM ``key`` and
         the ``problem`` a push would be refused with (``""``: accepted)."""
         res, hits = self._resolve(name, shape, dtype)
-        sent = list(shape)
+        sent, target = list(shape), None
         if res.placement is Placement.UNKNOWN and not is_amax_name(name):  # a refused shape: what would fit?
-            expected = self._prober.expected(name, shape, dtype)
-            if expected is not None:
-                again, hits = self._resolve(name, tuple(expected), dtype)
-                if again.placement is Placement.LOCAL:
-                    res, sent = Resolution(Placement.LOCAL, key=again.key, problem=res.problem), expected
+            probe = self._prober.once(name, shape, dtype)
+            if probe.reached:
+                module, attr = probe.reached[0]
+                target = self._shadow.target(module, attr)
+                expected = self._prober.expected(name, shape, dtype)
+                whole = name.rpartition(".")[0].rpartition(".")[2] == module.rpartition(".")[2]  # not a shard of a fused parameter
+                sent = expected or (list(target.shape) if whole else sent)
+                res = Resolution(Placement.LOCAL, key=f"{module}.{attr}", problem=res.problem)
         out: dict[str, Any] = {"key": res.key, "problem": res.problem, "shape": sent, "dtype": None}
         if res.placement is Placement.REMOTE:
             return out | {"kind": "remote"}
         if res.placement is not Placement.LOCAL:
             return out | {"kind": "unknown"}
         out["kind"] = "amax" if is_amax(name) else "scale" if is_scale(name) else "weight"
-        if hits:
+        if target is None and hits:
             target = self._shadow.target(hits[0].module, hits[0].attr)
-        else:  # a KV-cache or amax buffer, by its qualified name
+        elif target is None:  # a KV-cache or amax buffer, by its qualified name
             module, _, attr = res.key.partition("[")[0].rpartition(".")  # a fused buffer's key names the shard
             target = getattr(self.model.get_submodule(module), attr)
             if res.problem and "shape" in res.problem:

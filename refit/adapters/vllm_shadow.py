@@ -47,6 +47,7 @@ class Probe:
     error: str = ""
     reads: Reads = field(default_factory=Reads)  # what the loaders read of the probe input, every TP rank
     shape_problem: str = ""
+    reached: list[tuple[str, str]] = field(default_factory=list)  # (module, attr) whose loader was called, even if it raised
 
 
 def _meta_like(t: torch.Tensor) -> torch.Tensor:
@@ -70,6 +71,7 @@ class Shadow:
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.hits: list[Hit] = []
+        self.reached: list[tuple[str, str]] = []  # loaders called by the probe in progress, even those that raised
         self.source: torch.Tensor | None = None  # the probe input of the probe in progress
         self.reads = Reads()
         self.tensors: dict[int, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
@@ -104,6 +106,7 @@ class Shadow:
         shadow = self
 
         def recording_loader(*args: Any, **kwargs: Any) -> Any:
+            shadow.reached.append((qual, attr))
             with CopyTrace(shadow.source, shadow.reads) as count:
                 ret = original(*args, **kwargs)
             cap = getattr(t, "weight_loader_numel", t.numel())

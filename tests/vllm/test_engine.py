@@ -117,6 +117,32 @@ def test_refusal_leaves_engine_bit_identical(engine, bad, expect):
 
 
 @pytest.mark.parametrize(
+    "bad, expect, never",
+    [
+        (
+            {"model.layers.0.self_attn.q_proj.input_scale": torch.tensor(1.0)},
+            "this engine has no input_scale for model.layers.0.self_attn.qkv_proj (QKVParallelLinear holds bias, weight)",
+            "has no attribute 'data'",
+        ),
+        (
+            {"model.layers.0.mlp.gate_proj.weight": torch.zeros(256, 100)},
+            "does not fit model.layers.0.mlp.gate_up_proj.weight (the parameter is [512, 128] torch.float32)",
+            None,
+        ),
+        ({"model.layers.0.input_layernorm.weightt": torch.zeros(128)}, "(did you mean 'model.layers.0.input_layernorm.weight'?)", "weightt'?"),
+    ],
+    ids=["scale-without-slot", "loader-assertion", "did-you-mean"],
+)
+def test_refusals_say_what_to_do(engine, bad, expect, never):
+    """Issue 13 finding 6: vLLM's own errors (an AttributeError for a scale with no slot, an
+    empty AssertionError from a loader) come with the target and what would fit."""
+    _, handle, model_dir = engine
+    msg = refused(handle, bad, 98)
+    assert expect in msg, msg
+    assert never is None or never not in msg, msg
+
+
+@pytest.mark.parametrize(
     "name, shape, expected",
     [
         ("model.layers.0.mlp.up_proj.weight", (300, 128), [256, 128]),

@@ -53,6 +53,9 @@ def test_name_no_stage_owns_is_refused_on_every_stage(engine, bad):
     _, state = hf_state(model_dir, seed=22)
     msg = refused(handle, {**state, bad: torch.zeros(128, 128)}, 3)
     assert "vllm-worker-0" in msg and "vllm-worker-1" in msg, msg
+    if bad.startswith("model.layers.1."):  # stage 0 names the local layer it tried, not another one
+        assert "belongs to another pipeline stage, but the same name for the local model.layers.0 is refused there" in msg, msg
+        assert "did you mean 'model.layers.0.self_attn.qkv_proj.weight'?" in msg, msg
 
 
 def test_one_stage_refusing_stops_both(engine):
