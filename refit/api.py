@@ -16,7 +16,9 @@ from refit.meta import Manifest
 from refit.options import check_options, check_timeout
 from refit.plan import DEFAULT_ALIGNMENT, DEFAULT_BUCKET_BYTES, PlanEntry, check_layout_options, default_tail_bytes, plan
 from refit.report import RefitReport
-from refit.transports.base import EngineHandle, Progress, Sender, load_transport, stream
+from refit.send import stream
+from refit.transports import load_transport
+from refit.transports.base import EngineHandle, Progress, Sender
 
 
 class Refitter:
@@ -85,17 +87,18 @@ class Refitter:
                 raise RefitError(f"options {sorted(options)} go to the transport's constructor; pass them there, not with a ready Sender")
             self.sender = transport
         elif engine is not None:
-            module = load_transport(transport)
+            halves = load_transport(transport)
             # checked before the workers are told to join, not after
-            check_options(module.Transport, options, f"transport {transport!r}")  # type: ignore[attr-defined]
+            check_options(halves.sender, options, f"transport {transport!r}")
+            check_options(halves.receiver_class(), dict(receiver_options or {}), f"the {transport!r} receiver (receiver_options)")
             infos = engine.open(transport, dict(receiver_options or {}))
-            self.sender = module.Transport.for_receivers(infos, timeout=timeout, **options)  # type: ignore[attr-defined]
+            self.sender = halves.sender.for_receivers(infos, timeout=timeout, **options)
         else:
-            module = load_transport(transport)
+            halves = load_transport(transport)
             if transport != "local":
                 options.setdefault("timeout", timeout)
-            check_options(module.Transport, options, f"transport {transport!r}")  # type: ignore[attr-defined]
-            self.sender = module.Transport(**options)  # type: ignore[attr-defined]
+            check_options(halves.sender, options, f"transport {transport!r}")
+            self.sender = halves.sender(**options)
         self.transport = transport if isinstance(transport, str) else type(transport).__name__
         self.bucket_bytes, self.alignment, self.tail_bytes, self.num_buffers = bucket_bytes, alignment, tail_bytes, num_buffers
         self.sender.configure(bucket_bytes, num_buffers)

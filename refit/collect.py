@@ -233,11 +233,11 @@ class Collector:
             elif bad := _check_tensor(name, value):
                 problems.append(bad)
             else:
-                if value.is_neg():  # type: ignore[union-attr]
+                if value.is_neg():
                     # torch's negative bit: pack copies raw bits, so the value is resolved here (a copy)
-                    value, reusable = value.resolve_neg(), False  # type: ignore[union-attr]
-                sources[name] = value  # type: ignore[assignment]
-                entries.append(PlanEntry(name, value.shape, value.dtype, Role.WEIGHT))  # type: ignore[union-attr]
+                    value, reusable = value.resolve_neg(), False
+                sources[name] = value
+                entries.append(PlanEntry(name, value.shape, value.dtype, Role.WEIGHT))
         if problems:
             raise PlanError("invalid push input; nothing was sent:\n" + problem_list(problems))
         if lazy_scales:

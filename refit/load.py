@@ -212,6 +212,12 @@ class Loader:
             self._bucket_plans.clear()
         if stale:
             return stale
+        check_push = getattr(self.resolver, "check_push", None)
+        if check_push is not None:  # the resolver's rules for a whole push (e.g. whole layers)
+            problems = check_push([r for m in manifest.metas if m.chunk == 0 and (r := self.resolver.resolve(m)).placement is Placement.LOCAL])
+            if problems:
+                self._abandon()
+                return sorted(problems)
         self._push = _Push(version, manifest, cached[1], t0)
         self._push.seconds["resolve"] = time.perf_counter() - t0
         self._layouts[manifest.digest] = manifest
@@ -407,6 +413,12 @@ class Loader:
         if push is not None and self.torn:
             for steps in push.plan[: push.next_bucket + push.partial]:  # with the bucket an error interrupted
                 self._torn_keys.update(_local_keys(steps))
+        self._abandon()
+
+    def _abandon(self) -> None:
+        abandon = getattr(self.resolver, "abandon", None)
+        if abandon is not None:
+            abandon()
 
     def _require_push(self) -> _Push:
         if self._push is None:

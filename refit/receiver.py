@@ -17,7 +17,8 @@ from refit.load import Loader
 from refit.options import check_options, check_timeout
 from refit.report import RefitReport
 from refit.resolve import Resolver, TensorsResolver
-from refit.transports.base import ReceiverTransport, load_transport
+from refit.transports import load_transport
+from refit.transports.base import ReceiverTransport
 
 
 class RefitReceiver:
@@ -50,11 +51,11 @@ class RefitReceiver:
         **options: Any,
     ) -> None:
         self.push_timeout = check_timeout(push_timeout, "push_timeout")
-        resolver = target if hasattr(target, "resolve") else TensorsResolver(target)  # type: ignore[arg-type]
+        resolver = target if hasattr(target, "resolve") else TensorsResolver(target)
         self.loader = Loader(resolver, require_complete=require_complete, name=name)  # type: ignore[arg-type]
-        module = load_transport(transport)
-        check_options(module.Receiver, {"name": name, **options}, f"the {transport!r} receiver")  # type: ignore[attr-defined]
-        self.transport: ReceiverTransport = module.Receiver(name=name, **options)  # type: ignore[attr-defined]
+        receiver = load_transport(transport).receiver_class()
+        check_options(receiver, {"name": name, **options}, f"the {transport!r} receiver")
+        self.transport: ReceiverTransport = receiver(name=name, **options)
         self._stop = threading.Event()
         self._closed = False
         self.last_error: RefitError | None = None
@@ -86,7 +87,7 @@ class RefitReceiver:
 
     def info(self) -> dict[str, Any]:
         """What a sender needs to reach this receiver (plain values, e.g. the bound address)."""
-        return self.transport.info()  # type: ignore[attr-defined,no-any-return]
+        return self.transport.info()
 
     def receive(self, timeout: float | None = 60.0) -> RefitReport:
         """Serve one push (see :meth:`ReceiverTransport.receive`).

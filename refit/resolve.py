@@ -47,11 +47,19 @@ class Resolution:
 class Resolver(Protocol):
     """What a receiver needs to know about its target.
 
-    Optional: ``end_bucket(bucket, *, keep_views: bool)``, called after each bucket's entries
-    were handed to their ``load`` callables, lets a resolver batch a bucket's loads (the vLLM
-    adapter makes one ``load_weights`` call per bucket). Until it returns, the views given to
-    ``load`` stay valid; past it, only when ``keep_views`` is True (the bucket's memory is never
-    written again, see ``Loader.buckets_stay``).
+    Optional, called by the :class:`~refit.load.Loader` where present:
+
+    * ``stable: bool`` (default True): False makes every push resolve again instead of reusing
+      the resolution of a layout seen before.
+    * ``check_push(resolutions) -> list[str]``: rules for a whole accepted push (the LOCAL
+      resolutions of its first chunks), e.g. vLLM's whole-layer rule; problems refuse the push.
+    * ``end_bucket(bucket, *, keep_views: bool)``: called after each bucket's entries were
+      handed to their ``load`` callables, lets a resolver batch a bucket's loads (the vLLM
+      adapter makes one ``load_weights`` call per bucket). Until it returns, the views given to
+      ``load`` stay valid; past it, only when ``keep_views`` is True (the bucket's memory is
+      never written again, see ``Loader.buckets_stay``).
+    * ``abandon()``: a push was refused by ``check_push`` or aborted: drop what the resolver
+      holds for it and leave the target usable.
     """
 
     def resolve(self, meta: TensorMeta) -> Resolution:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install everything the test suite needs (vLLM's CPU build included), lint, type-check, then run
-# every tier but `gpu`. Fails if a test fails or if no test ran.
+# Install everything the test suite needs (vLLM's CPU build included), lint, type-check, check the
+# import layers, then run every tier but `gpu`. Fails if a test fails or if no test ran.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh zmq,test
@@ -18,5 +18,6 @@ if ! python -c "import modelopt.torch.quantization" 2>/dev/null; then
 fi
 ruff check refit tests benchmarks
 mypy
+lint-imports  # the layer contracts in pyproject.toml
 export VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python -m pytest -m "not gpu" -p no:cacheprovider "$@"

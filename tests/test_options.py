@@ -90,3 +90,33 @@ def test_serve_after_stop_serves_again_and_after_close_raises() -> None:
     rx.close()
     with pytest.raises(RefitError, match="is closed"):
         rx.serve()
+
+
+class _Engine:
+    """An engine handle that records whether its workers were told to join."""
+
+    def __init__(self) -> None:
+        self.opened = False
+
+    def open(self, transport: str, options: object) -> list[dict[str, object]]:
+        self.opened = True
+        return [{"address": "tcp://127.0.0.1:1"}]
+
+    def begin_receive(self, timeout: float) -> object:
+        raise AssertionError("no push expected")
+
+    def close(self) -> None:
+        pass
+
+
+def test_transport_seam_errors_name_what_is_available() -> None:
+    with pytest.raises(RefitError, match="unknown transport 'zmqq'; available: local, zmq, cuda_ipc, nccl"):
+        Refitter("zmqq")
+    with pytest.raises(RefitError, match="transport 'local' has no receiver half .*receivers use: zmq, cuda_ipc, nccl"):
+        RefitReceiver({"a": torch.zeros(1)}, "local")
+    engine = _Engine()
+    with pytest.raises(RefitError, match="transport 'zmq' takes no option 'bogus'"):
+        Refitter("zmq", engine=engine, bogus=1)  # type: ignore[arg-type]
+    with pytest.raises(RefitError, match="the 'zmq' receiver \\(receiver_options\\) takes no option 'bogus'"):
+        Refitter("zmq", engine=engine, receiver_options={"bogus": 1})  # type: ignore[arg-type]
+    assert not engine.opened  # refused before any worker was told to join

@@ -24,7 +24,7 @@ from refit.meta import Role
 from refit.plan import PlanEntry, plan
 from refit.resolve import TensorsResolver
 from refit.scales import amax_to_scale, is_amax, is_quant_state, is_scale
-from refit.transports.base import stream
+from refit.send import stream
 from refit.transports.local import LocalSender
 from tests.conftest import same_bits
 

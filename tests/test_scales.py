@@ -13,7 +13,7 @@ from refit.meta import Role
 from refit.plan import PlanEntry, plan
 from refit.resolve import Placement, Resolution, TensorsResolver
 from refit.scales import MIN_RUN, find_runs, run_view
-from refit.transports.base import stream
+from refit.send import stream
 from refit.transports.local import LocalSender
 from tests.conftest import same_bits
 

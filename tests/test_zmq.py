@@ -16,7 +16,7 @@ import torch
 from refit import Lazy, Refitter, ResolveError, TransportError
 from refit.meta import Role, dtype_name
 from refit.plan import PlanEntry, plan
-from refit.transports.base import stream
+from refit.send import stream
 from tests import procs
 from tests.conftest import random_tensor
 

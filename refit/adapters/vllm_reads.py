@@ -52,7 +52,7 @@ class CopyTrace(TorchDispatchMode):
         self.source = source
         self.reads = reads
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten.copy_.default:
             self.numel += args[0].numel()
             src = args[1]

@@ -53,12 +53,11 @@ from refit.adapters.vllm_probe import Prober
 from refit.adapters.vllm_reload import LayerwiseReload
 from refit.adapters.vllm_shadow import Hit, Probe, Shadow
 from refit.adapters.vllm_tied import TiedPairs, tied_input
-from refit.load import Loader
-from refit.meta import Manifest, TensorMeta
+from refit.meta import TensorMeta
 from refit.resolve import Placement, Resolution
 from refit.scales import is_amax, is_scale
 
-__all__ = ["Hit", "VllmLoader", "VllmResolver"]
+__all__ = ["Hit", "VllmResolver"]
 
 
 class VllmResolver:
@@ -309,26 +308,3 @@ class VllmResolver:
         from vllm.config import set_current_vllm_config
 
         return set_current_vllm_config(self.vllm_config)
-
-
-class VllmLoader(Loader):
-    """A :class:`~refit.load.Loader` that also runs :meth:`VllmResolver.check_push` on the
-    whole accepted push, and tells the resolver when a push is abandoned (so layers waiting
-    in layer-wise reload are put back)."""
-
-    resolver: VllmResolver
-
-    def prepare(self, manifest: Manifest, version: int) -> list[str]:
-        problems = super().prepare(manifest, version)
-        if problems or not self.active:
-            return problems
-        # Resolutions are cached by the resolver, so asking again costs a dict lookup each.
-        local = [r for m in manifest.metas if m.chunk == 0 and (r := self.resolver.resolve(m)).placement is Placement.LOCAL]
-        problems = self.resolver.check_push(local)
-        if problems:
-            self.abort("refused: partial layers")  # nothing was applied: not torn
-        return sorted(problems)
-
-    def abort(self, reason: str) -> None:
-        super().abort(reason)
-        self.resolver.abandon()

@@ -127,7 +127,7 @@ class Shadow:
             if shadow is None:
                 continue
             saved.append((mod, mod._parameters, mod._buffers))
-            mod._parameters, mod._buffers = dict(shadow[0]), dict(shadow[1])  # type: ignore[assignment,arg-type]
+            mod._parameters, mod._buffers = dict(shadow[0]), dict(shadow[1])  # type: ignore[arg-type]
         try:
             yield
         finally:

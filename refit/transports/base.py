@@ -1,20 +1,14 @@
 """The transport contract: paired sender and receiver halves, one lifecycle.
 
-A push is ``handshake -> buckets -> finish``. The trainer-side driver (:func:`stream`) owns the
-loop that is the same for every transport: wait until a staging buffer may be reused, pack the
-next bucket into it, hand it to the transport. The first bucket is packed into the sender's own
-staging buffer *before* the handshake, so the device copies overlap the receivers' answer;
-nothing reaches a receiver before it accepted the manifest. A transport only says how a
-bucket's bytes and the control messages reach the receivers. Receivers run a :class:`~refit.load.Loader`, which
-decides what is loaded; the transport only feeds it.
-
-Transports are found by name and imported when first used, so ``import refit`` needs only torch.
+A push is ``handshake -> buckets -> finish``. The loop that is the same for every transport
+(wait until a staging buffer may be reused, pack the next bucket, hand it over) is
+:func:`refit.send.stream`; a transport only says how a bucket's bytes and the control messages
+reach the receivers. Receivers run a :class:`~refit.load.Loader`, which decides what is
+loaded; the transport only feeds it. Transports are found by name in :mod:`refit.transports`.
 """
 
 from __future__ import annotations
 
-import importlib
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
@@ -22,21 +16,9 @@ from typing import Any, Protocol
 
 import torch
 
-from refit.collect import ScaleBlocks
-from refit.errors import RefitError
 from refit.load import Loader
-from refit.meta import Manifest, TensorMeta
-from refit.pack import Lazy, pack
+from refit.meta import Manifest
 from refit.report import RefitReport
-from refit.scales import run_view
-
-# name -> "module:Sender,Receiver"; imported lazily.
-TRANSPORTS: dict[str, str] = {
-    "local": "refit.transports.local",
-    "zmq": "refit.transports.zmq",
-    "cuda_ipc": "refit.transports.cuda_ipc",
-    "nccl": "refit.transports.nccl",
-}
 
 Progress = Callable[[int, int], None]
 
@@ -118,7 +100,13 @@ class Sender(ABC):
 
 
 class ReceiverTransport(ABC):
-    """Engine half of a transport: runs whole pushes into a :class:`Loader`."""
+    """Engine half of a transport: runs whole pushes into a :class:`Loader`.
+
+    Constructed as ``Receiver(name=..., **options)``; each transport takes its own options.
+    """
+
+    def __init__(self, *, name: str = "receiver", **options: Any) -> None:
+        self.name = name
 
     @abstractmethod
     def info(self) -> dict[str, Any]:
@@ -155,83 +143,3 @@ class EngineHandle(Protocol):
     def begin_receive(self, timeout: float) -> Future[list[RefitReport]]: ...
 
     def close(self) -> None: ...
-
-
-def load_transport(name: str) -> object:
-    """Import the module of transport ``name``."""
-    try:
-        module = TRANSPORTS[name]
-    except KeyError:
-        raise RefitError(f"unknown transport {name!r}; choose one of {sorted(TRANSPORTS)}") from None
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        extra = {"zmq": "zmq", "cuda_ipc": "zmq", "nccl": "nccl"}.get(name, "")
-        hint = f" (pip install 'refit-stream[{extra}]')" if extra else ""
-        raise RefitError(f"transport {name!r} needs a package that is not installed: {exc}{hint}") from exc
-
-
-def stream(
-    sender: Sender,
-    manifest: Manifest,
-    sources: Mapping[str, torch.Tensor | Lazy],
-    *,
-    num_buffers: int,
-    handshake: Callable[[], object] | None = None,
-    progress: Progress | None = None,
-    blocks: ScaleBlocks | None = None,
-) -> dict[str, float]:
-    """Pack and send every bucket of ``manifest`` with at most ``num_buffers`` in flight.
-
-    ``handshake`` (the sender's, bound to this push) is called once the first bucket is packed
-    and before it is sent, so the first copies overlap it; a refusal raises from here with
-    nothing sent. Returns seconds spent handshaking, packing and waiting for buffer reuse.
-    Chunked :class:`Lazy` sources are materialized once (on the buffers' device) and dropped
-    after their last chunk. Runs of 0-d tensors are packed with one strided copy (from
-    ``blocks`` when it holds them stacked).
-    """
-    sender.stage(manifest)
-    bufs = sender.buffers(manifest.bucket_bytes, num_buffers)
-    pinned = bool(bufs) and bufs[0].is_pinned()  # host staging for a GPU source: non-blocking copies
-    pack_s = wait_s = handshake_s = 0.0
-    materialized: dict[str, torch.Tensor] = {}
-    if handshake is not None and not manifest.num_buckets:
-        t0 = time.perf_counter()
-        handshake()
-        handshake_s = time.perf_counter() - t0
-    for index, metas in enumerate(manifest.by_bucket):
-        slot = index % len(bufs)
-        t0 = time.perf_counter()
-        sender.wait_reusable(slot)
-        t1 = time.perf_counter()
-        singles: list[TensorMeta] = []
-        srcs: list[torch.Tensor | Lazy] = []
-        for i, j, is_run in manifest.segments[index]:
-            run = metas[i:j]
-            stacked = blocks.source(run) if is_run and blocks is not None else None
-            if stacked is None and is_run:
-                values = [sources[m.name] for m in run]
-                if not any(isinstance(v, Lazy) for v in values) and len({v.device for v in values}) == 1:  # type: ignore[union-attr]
-                    stacked = torch.stack(values)  # type: ignore[arg-type]
-            if stacked is not None:
-                run_view(bufs[slot], run).copy_(stacked, non_blocking=pinned)
-                continue
-            for m in run:
-                src = sources[m.name]
-                if isinstance(src, Lazy) and m.is_chunked:
-                    if m.name not in materialized:
-                        materialized[m.name] = src.materialize(bufs[slot].device)
-                    src = materialized[m.name] if m.chunk < m.chunks - 1 else materialized.pop(m.name)
-                singles.append(m)
-                srcs.append(src)
-        pack(bufs[slot], singles, srcs, non_blocking=pinned)
-        t2 = time.perf_counter()
-        if index == 0 and handshake is not None:
-            handshake()
-            handshake_s = time.perf_counter() - t2
-        sender.send(index, slot, manifest.bucket_sizes[index])
-        wait_s += t1 - t0
-        pack_s += t2 - t1
-        if progress is not None:
-            progress(index + 1, manifest.num_buckets)
-    return {"handshake": handshake_s, "pack": pack_s, "wait": wait_s}

@@ -371,6 +371,3 @@ class CudaIpcReceiver(ReceiverTransport):
         self.server.close()
         self._events = []
 
-
-Transport = CudaIpcSender
-Receiver = CudaIpcReceiver

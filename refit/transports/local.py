@@ -48,7 +48,7 @@ class LocalSender(Sender):
         if isinstance(target, Loader):  # an existing receiver state (version, torn) to push into
             self.loader = target
         else:
-            resolver = target if hasattr(target, "resolve") else TensorsResolver(target)  # type: ignore[arg-type]
+            resolver = target if hasattr(target, "resolve") else TensorsResolver(target)
             self.loader = Loader(resolver, require_complete=require_complete, name="local")  # type: ignore[arg-type]
         if device is None:
             first = next(iter(getattr(self.loader.resolver, "tensors", {}).values()), None)
@@ -120,5 +120,3 @@ class LocalSender(Sender):
     def torn(self) -> bool:
         return self.loader.torn
 
-
-Transport = LocalSender

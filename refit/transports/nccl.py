@@ -449,6 +449,3 @@ class NcclReceiver(ReceiverTransport):
         self.server.close()
         self._bufs = []
 
-
-Transport = NcclSender
-Receiver = NcclReceiver

@@ -138,6 +138,3 @@ class ZmqReceiver(ReceiverTransport):
     def close(self) -> None:
         self.server.close()
 
-
-Transport = ZmqSender
-Receiver = ZmqReceiver

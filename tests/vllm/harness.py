@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from refit.adapters.vllm import RefitWorkerExtension, _replies
+from refit.adapters.vllm import RefitWorkerExtension
+from refit.adapters.vllm_worker import _replies
 
 PHASES = ("resolve", "apply", "post_load")
 

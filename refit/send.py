@@ -1,0 +1,86 @@
+"""The send loop of one push, the same for every transport: wait until a staging buffer may be
+reused, pack the next bucket into it, hand it to the transport.
+
+The first bucket is packed into the sender's own staging buffer *before* the handshake, so the
+device copies overlap the receivers' answer; nothing reaches a receiver before it accepted the
+manifest. Runs of 0-d scales are packed with one strided copy each.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+
+from refit.collect import ScaleBlocks
+from refit.meta import Manifest, TensorMeta
+from refit.pack import Lazy, pack
+from refit.scales import run_view
+from refit.transports.base import Progress, Sender
+
+
+def stream(
+    sender: Sender,
+    manifest: Manifest,
+    sources: Mapping[str, torch.Tensor | Lazy],
+    *,
+    num_buffers: int,
+    handshake: Callable[[], object] | None = None,
+    progress: Progress | None = None,
+    blocks: ScaleBlocks | None = None,
+) -> dict[str, float]:
+    """Pack and send every bucket of ``manifest`` with at most ``num_buffers`` in flight.
+
+    ``handshake`` (the sender's, bound to this push) is called once the first bucket is packed
+    and before it is sent, so the first copies overlap it; a refusal raises from here with
+    nothing sent. Returns seconds spent handshaking, packing and waiting for buffer reuse.
+    Chunked :class:`Lazy` sources are materialized once (on the buffers' device) and dropped
+    after their last chunk. Runs of 0-d tensors are packed with one strided copy (from
+    ``blocks`` when it holds them stacked).
+    """
+    sender.stage(manifest)
+    bufs = sender.buffers(manifest.bucket_bytes, num_buffers)
+    pinned = bool(bufs) and bufs[0].is_pinned()  # host staging for a GPU source: non-blocking copies
+    pack_s = wait_s = handshake_s = 0.0
+    materialized: dict[str, torch.Tensor] = {}
+    if handshake is not None and not manifest.num_buckets:
+        t0 = time.perf_counter()
+        handshake()
+        handshake_s = time.perf_counter() - t0
+    for index, metas in enumerate(manifest.by_bucket):
+        slot = index % len(bufs)
+        t0 = time.perf_counter()
+        sender.wait_reusable(slot)
+        t1 = time.perf_counter()
+        singles: list[TensorMeta] = []
+        srcs: list[torch.Tensor | Lazy] = []
+        for i, j, is_run in manifest.segments[index]:
+            run = metas[i:j]
+            stacked = blocks.source(run) if is_run and blocks is not None else None
+            if stacked is None and is_run:
+                values = [sources[m.name] for m in run]
+                if not any(isinstance(v, Lazy) for v in values) and len({v.device for v in values}) == 1:  # type: ignore[union-attr]
+                    stacked = torch.stack(values)  # type: ignore[arg-type]
+            if stacked is not None:
+                run_view(bufs[slot], run).copy_(stacked, non_blocking=pinned)
+                continue
+            for m in run:
+                src = sources[m.name]
+                if isinstance(src, Lazy) and m.is_chunked:
+                    if m.name not in materialized:
+                        materialized[m.name] = src.materialize(bufs[slot].device)
+                    src = materialized[m.name] if m.chunk < m.chunks - 1 else materialized.pop(m.name)
+                singles.append(m)
+                srcs.append(src)
+        pack(bufs[slot], singles, srcs, non_blocking=pinned)
+        t2 = time.perf_counter()
+        if index == 0 and handshake is not None:
+            handshake()
+            handshake_s = time.perf_counter() - t2
+        sender.send(index, slot, manifest.bucket_sizes[index])
+        wait_s += t1 - t0
+        pack_s += t2 - t1
+        if progress is not None:
+            progress(index + 1, manifest.num_buckets)
+    return {"handshake": handshake_s, "pack": pack_s, "wait": wait_s}
