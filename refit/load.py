@@ -10,129 +10,16 @@ applied bucket leaves the loader *torn* until a later push completes.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from refit.apply_plan import BucketPlan, Run, Step, bucket_steps, local_keys
 from refit.errors import RefitError, ResolveError, TornStateError, WireError, problem_list
 from refit.meta import Manifest, TensorMeta
-from refit.pack import CopyPlan, bucket_view, chunk_of, copy_many
+from refit.pack import chunk_of, copy_many
 from refit.report import RefitReport
 from refit.resolve import Placement, Resolution, Resolver
-from refit.scales import amax_mask, is_checked, run_problems, run_view, value_problem
-
-
-@dataclass(frozen=True)
-class _One:
-    """One entry of a bucket: where it goes (``dest`` is the precomputed target view)."""
-
-    meta: TensorMeta
-    res: Resolution
-    dest: torch.Tensor | None
-
-
-@dataclass(frozen=True)
-class _Run:
-    """A run of 0-d entries, all local with a direct buffer: one strided view, one validation,
-    one multi-tensor copy."""
-
-    metas: tuple[TensorMeta, ...]
-    dests: list[torch.Tensor]
-    scale: bool
-    amax: torch.Tensor | None
-    device: torch.device | None  # the dests' common device, None if they differ
-    resolutions: tuple[Resolution, ...]
-
-
-Step = _One | _Run
-
-
-def _local_keys(steps: list[Step]) -> list[str]:
-    """Keys of the local targets a bucket's steps write."""
-    keys: list[str] = []
-    for step in steps:
-        if isinstance(step, _Run):
-            keys += [r.key for r in step.resolutions]
-        elif step.res.placement is Placement.LOCAL:
-            keys.append(step.res.key)
-    return keys
-
-
-class _BucketPlan:
-    """Everything ``apply`` does with one bucket of one layout: views, scale checks, copies.
-
-    Built per bucket, or once per layout and staging buffer when the buffer is persistent.
-    """
-
-    def __init__(self, steps: list[Step], bucket: torch.Tensor) -> None:
-        # scales to validate: (names of a run, its values, its amax mask on their device) or (name, value, None)
-        self.checks: list[tuple[list[str] | str, torch.Tensor, torch.Tensor | None]] = []
-        self.runs: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
-        self.loads: list[tuple[_One, torch.Tensor]] = []
-        dsts: list[torch.Tensor] = []
-        srcs: list[torch.Tensor] = []
-        self.applied = self.remote = 0
-        for step in steps:
-            if isinstance(step, _Run):
-                v = run_view(bucket, step.metas)
-                if step.scale:
-                    amax = None if step.amax is None else step.amax.to(v.device)
-                    self.checks.append(([m.name for m in step.metas], v, amax))
-                if step.device == v.device:  # same dtype and device: one multi-tensor copy
-                    self.runs.append((step.dests, list(v.unbind())))
-                else:
-                    dsts += step.dests
-                    srcs += v.unbind()
-                self.applied += len(step.dests)
-                continue
-            meta, res = step.meta, step.res
-            v = bucket_view(bucket, meta)
-            last = meta.chunk == meta.chunks - 1
-            if is_checked(meta):  # a scale or amax, by role or by name
-                self.checks.append((meta.name, v, None))
-            if res.placement is Placement.REMOTE:
-                self.remote += last
-                continue
-            self.applied += last
-            if step.dest is not None:
-                dsts.append(step.dest)
-                srcs.append(v)
-            else:
-                self.loads.append((step, v))
-        self.local = bool(dsts or self.runs or self.loads)
-        self.to_cuda = any(d.is_cuda for d in dsts)
-        self.copies = CopyPlan(dsts, srcs)
-
-    def scale_problems(self) -> list[str]:
-        bad: list[str] = []
-        for names, v, amax in self.checks:
-            if isinstance(names, list):
-                bad += run_problems(names, v, amax)
-            elif p := value_problem(names, v):
-                bad.append(p)
-        return bad
-
-
-def _bucket_steps(metas: Sequence[TensorMeta], pieces: Sequence[tuple[int, int, bool]], resolutions: list[Resolution]) -> list[Step]:
-    """A bucket's steps; ``pieces`` are its runs and single tensors (``Manifest.segments``)."""
-    steps: list[Step] = []
-    for i, j, is_run in pieces:
-        part = resolutions[i:j]
-        if is_run and all(r.placement is Placement.LOCAL and r.dest is not None for r in part):
-            run = tuple(metas[i:j])
-            checked = list(map(is_checked, run))  # scales and amax, by role or by name: validated
-            scale = all(checked)
-            if scale or not any(checked):
-                dests = [r.dest for r in part if r.dest is not None]
-                devices = {d.device for d in dests}
-                device = devices.pop() if len(devices) == 1 else None
-                steps.append(_Run(run, dests, scale, amax_mask([m.name for m in run]) if scale else None, device, tuple(part)))
-                continue
-        for m, r in zip(metas[i:j], part):
-            dest = None if r.dest is None else (chunk_of(r.dest, m) if m.is_chunked else r.dest)
-            steps.append(_One(m, r, dest))
-    return steps
 
 
 @dataclass
@@ -168,7 +55,7 @@ class Loader:
         self._push: _Push | None = None
         self._layouts: dict[str, Manifest] = {}
         self._prepared: tuple[str, list[list[Step]], int] | None = None  # digest, steps, local entries
-        self._bucket_plans: dict[tuple[int, int, int, torch.device], _BucketPlan] = {}  # for persistent buffers
+        self._bucket_plans: dict[tuple[int, int, int, torch.device], BucketPlan] = {}  # for persistent buffers
         self._torn_keys: set[str] = set()  # what broken pushes may have half-written
         #: True when no bucket handed to ``apply`` is ever written again (a fresh frame per
         #: bucket, kept alive by its views): a resolver may then keep views of it past
@@ -287,7 +174,7 @@ class Loader:
         steps: list[list[Step]] = []
         k = 0
         for metas, pieces in zip(manifest.by_bucket, manifest.segments, strict=True):
-            steps.append(_bucket_steps(metas, pieces, resolutions[k : k + len(metas)]))
+            steps.append(bucket_steps(metas, pieces, resolutions[k : k + len(metas)]))
             k += len(metas)
         return [], steps, local
 
@@ -297,7 +184,7 @@ class Loader:
         out: list[tuple[TensorMeta, Resolution]] = []
         for steps in push.plan:
             for step in steps:
-                if isinstance(step, _Run):
+                if isinstance(step, Run):
                     out += zip(step.metas, step.resolutions)
                 elif step.meta.chunk == 0:
                     out.append((step.meta, step.res))
@@ -338,7 +225,7 @@ class Loader:
         key = (index, bucket.data_ptr(), bucket.numel(), bucket.device)
         plan = self._bucket_plans.get(key) if persistent else None
         if plan is None:
-            plan = _BucketPlan(push.plan[index], bucket)
+            plan = BucketPlan(push.plan[index], bucket)
             if persistent:
                 self._bucket_plans[key] = plan
         bad = plan.scale_problems()
@@ -392,7 +279,7 @@ class Loader:
         push.seconds["total"] = time.perf_counter() - push.started
         if self._torn_keys:  # a complete push rewrote what broken ones left mixed
             for steps in push.plan:
-                self._torn_keys.difference_update(_local_keys(steps))
+                self._torn_keys.difference_update(local_keys(steps))
         self.version, self._push = push.version, None
         self.torn = bool(self._torn_keys)
         return RefitReport(
@@ -412,7 +299,7 @@ class Loader:
         push, self._push = self._push, None
         if push is not None and self.torn:
             for steps in push.plan[: push.next_bucket + push.partial]:  # with the bucket an error interrupted
-                self._torn_keys.update(_local_keys(steps))
+                self._torn_keys.update(local_keys(steps))
         self._abandon()
 
     def _abandon(self) -> None:

@@ -30,13 +30,14 @@ class Spec:
     sender: str
     receiver: str | None
     extra: str = ""
+    receiver_module: str = ""  # where the receiver half lives, if not in ``module``
 
 
 REGISTRY: dict[str, Spec] = {
     "local": Spec("refit.transports.local", "LocalSender", None),
     "zmq": Spec("refit.transports.zmq", "ZmqSender", "ZmqReceiver", "zmq"),
     "cuda_ipc": Spec("refit.transports.cuda_ipc", "CudaIpcSender", "CudaIpcReceiver", "zmq"),
-    "nccl": Spec("refit.transports.nccl", "NcclSender", "NcclReceiver", "nccl"),
+    "nccl": Spec("refit.transports.nccl", "NcclSender", "NcclReceiver", "nccl", "refit.transports.nccl_receiver"),
 }
 
 
@@ -69,10 +70,11 @@ def load_transport(name: object) -> Transport:
         raise RefitError(f"unknown transport {name!r:.80}; available: {', '.join(REGISTRY)}")
     try:
         module = importlib.import_module(spec.module)
+        rx_module = importlib.import_module(spec.receiver_module) if spec.receiver_module else module
     except ImportError as exc:
         hint = f" (pip install 'refit-stream[{spec.extra}]')" if spec.extra else ""
         raise RefitError(f"transport {name!r} needs a package that is not installed: {exc}{hint}") from exc
-    receiver = getattr(module, spec.receiver) if spec.receiver else None
+    receiver = getattr(rx_module, spec.receiver) if spec.receiver else None
     return Transport(name, getattr(module, spec.sender), receiver)  # type: ignore[arg-type]
 
 
