@@ -109,8 +109,9 @@ def _row(transport: str, shape: str, device: torch.device, nbytes: int, tensors:
 # ---------------------------------------------------------------- zmq
 
 
-def _zmq_sink(spec: dict[str, tuple[tuple[int, ...], str]], out: Any, pushes: int, raw_rounds: int) -> None:
-    """Receiver process: first a raw pyzmq sink (the ceiling), then refit pushes."""
+def _sink(transport: str, spec: dict[str, tuple[tuple[int, ...], str]], device: str, out: Any, pushes: int, raw_rounds: int) -> None:
+    """Receiver process: first a raw pyzmq sink (the ceiling, ``raw_rounds`` > 0), then
+    ``pushes`` refit pushes over ``transport`` into targets on ``device``."""
     import zmq
 
     from refit.meta import dtype_from_name
@@ -120,9 +121,9 @@ def _zmq_sink(spec: dict[str, tuple[tuple[int, ...], str]], out: Any, pushes: in
     raw = ctx.socket(zmq.ROUTER)
     raw.setsockopt(zmq.LINGER, 0)
     raw.bind("tcp://127.0.0.1:*")
-    target = {k: torch.empty(s, dtype=dtype_from_name(d)) for k, (s, d) in spec.items()}
-    rx = RefitReceiver(target, "zmq")
-    out.put((raw.getsockopt_string(zmq.LAST_ENDPOINT), rx.info()["address"]))
+    target = {k: torch.empty(s, dtype=dtype_from_name(d), device=device) for k, (s, d) in spec.items()}
+    rx = RefitReceiver(target, transport)
+    out.put((raw.getsockopt_string(zmq.LAST_ENDPOINT), rx.info()))
     for _ in range(raw_rounds):  # each round: frames until an empty one, then ack
         while True:
             ident, data = raw.recv_multipart(copy=False)
@@ -170,31 +171,62 @@ def bench_zmq_state(
 ) -> Row:
     """A zmq push of ``state`` + ``scales`` to a receiver process over loopback tcp, beside raw
     pyzmq zero-copy sends of the same bytes in the same bucket sizes to the same process."""
-    from refit.meta import dtype_name
 
     both = {**state, **scales}
-    spec = {k: (tuple(v.shape), dtype_name(v.dtype)) for k, v in both.items()}
     nbytes = sum(v.numel() * v.element_size() for v in both.values())
-    ctx = mp.get_context("spawn")
-    out: Any = ctx.Queue()
-    proc = ctx.Process(target=_zmq_sink, args=(spec, out, repeat + 1, repeat + 1), daemon=True)
-    proc.start()
-    try:
-        raw_addr, addr = out.get(timeout=120)
+
+    def ceiling(raw_addr: str) -> float:
         flat = torch.ones(bucket_bytes, dtype=torch.uint8)
         view = host_bytes(flat)
         full, rest = divmod(nbytes, bucket_bytes)
-        buckets = [view] * full + ([view[:rest]] if rest else [])
-        ceiling = raw_zmq_seconds(raw_addr, buckets, repeat + 1)
-        with Refitter(
-            "zmq", peers=[addr], bucket_bytes=bucket_bytes, num_buffers=num_buffers, timeout=600, progress=progress_printer("zmq push")
-        ) as r:
+        return raw_zmq_seconds(raw_addr, [view] * full + ([view[:rest]] if rest else []), repeat + 1)
+
+    seconds, ceiling_s = _push_to_process("zmq", state, scales, device, bucket_bytes, num_buffers, repeat, ceiling)
+    return _row("zmq", label, device, nbytes, len(both), seconds, ceiling_s, "raw pyzmq zero-copy")
+
+
+def bench_cuda_ipc(shape_name: str, device: torch.device, bucket_bytes: int, num_buffers: int, repeat: int) -> Row:
+    """A ``cuda_ipc`` push to a receiver process on the same device (shared memory on the CPU)
+    beside one copy of the same bytes on that device (a push makes two: pack and apply)."""
+    state, scales = make_state(get_shape(shape_name), device=device)
+    both = {**state, **scales}
+    nbytes = sum(v.numel() * v.element_size() for v in both.values())
+    one_copy = lambda _: copy_ceiling(nbytes, device, repeat)  # noqa: E731
+    seconds, ceiling_s = _push_to_process("cuda_ipc", state, scales, device, bucket_bytes, num_buffers, repeat, one_copy)
+    return _row("cuda_ipc", shape_name, device, nbytes, len(both), seconds, ceiling_s, "one copy_ (a push makes 2)")
+
+
+def _push_to_process(
+    transport: str,
+    state: dict[str, torch.Tensor],
+    scales: dict[str, torch.Tensor],
+    device: torch.device,
+    bucket_bytes: int,
+    num_buffers: int,
+    repeat: int,
+    ceiling: Callable[[str], float],
+) -> tuple[float, float]:
+    """Best push time of ``state`` + ``scales`` into a receiver process, and ``ceiling(raw
+    pyzmq address of that process)`` measured in the same run."""
+    from refit.meta import dtype_name
+
+    spec = {k: (tuple(v.shape), dtype_name(v.dtype)) for k, v in {**state, **scales}.items()}
+    raw_rounds = repeat + 1 if transport == "zmq" else 0
+    ctx = mp.get_context("spawn")
+    out: Any = ctx.Queue()
+    proc = ctx.Process(target=_sink, args=(transport, spec, str(device), out, repeat + 1, raw_rounds), daemon=True)
+    proc.start()
+    try:
+        raw_addr, info = out.get(timeout=120)
+        ceiling_s = ceiling(raw_addr)
+        progress = progress_printer(f"{transport} push")
+        with Refitter(transport, peers=[info], bucket_bytes=bucket_bytes, num_buffers=num_buffers, timeout=600, progress=progress) as r:
             seconds = _best(lambda: r.push(state, scales), repeat, device)
     finally:
         proc.join(timeout=60)
         if proc.is_alive():
             proc.kill()
-    return _row("zmq", label, device, nbytes, len(both), seconds, ceiling, "raw pyzmq zero-copy")
+    return seconds, ceiling_s
 
 
 def bench_nccl(shape_name: str, device: torch.device, bucket_bytes: int, num_buffers: int, repeat: int) -> Row:
@@ -208,7 +240,7 @@ def bench_nccl(shape_name: str, device: torch.device, bucket_bytes: int, num_buf
     return _row(f"nccl/{c['backend']}", shape_name, device, c["bytes"], c["tensors"], push["best_s"], raw["best_s"], "raw broadcast, same buckets")
 
 
-BENCHES = {"local": bench_local, "zmq": bench_zmq, "nccl": bench_nccl}
+BENCHES = {"local": bench_local, "zmq": bench_zmq, "cuda_ipc": bench_cuda_ipc, "nccl": bench_nccl}
 
 
 def run(transport: str, shape: str, device: str, bucket_bytes: int, num_buffers: int, repeat: int) -> Row:

@@ -14,7 +14,8 @@ from refit.shapes import SHAPES
 def _bench(args: argparse.Namespace) -> int:
     from refit import bench
 
-    rows = [bench.run(t, args.shape, args.device, args.bucket_bytes, args.num_buffers, args.repeat) for t in args.transport]
+    transports = list(bench.BENCHES) if "all" in args.transport else args.transport
+    rows = [bench.run(t, args.shape, args.device, args.bucket_bytes, args.num_buffers, args.repeat) for t in transports]
     print(bench.table(rows))
     if args.json:
         with open(args.json, "w") as f:
@@ -46,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo)
 
     b = sub.add_parser("bench", help="measure a push of a synthetic model-shaped state against its ceiling")
-    b.add_argument("--transport", action="append", choices=["local", "zmq", "nccl"], help="repeatable; default local")
+    b.add_argument("--transport", action="append", choices=["local", "zmq", "cuda_ipc", "nccl", "all"], help="repeatable, or all; default local")
     b.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
     b.add_argument("--device", default="cpu", help="cpu or cuda")
     b.add_argument("--bucket-bytes", type=int, default=DEFAULT_BUCKET_BYTES)
