@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")])  # the worker imports the extension
 
-from refit.adapters.vllm_tiny import offline_env  # noqa: E402
+from refit.demos.tiny_vllm import offline_env  # noqa: E402
 
 offline_env("WARNING")
 

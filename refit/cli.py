@@ -27,10 +27,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     if args.engine == "vllm":
-        from refit.adapters.vllm_demo import main as vllm_demo
+        from refit.demos.vllm_demo import main as vllm_demo
 
         return vllm_demo(transport=args.transport, shape=args.shape)
-    from refit.demo import main as torch_demo
+    from refit.demos.torch_engine import main as torch_demo
 
     return torch_demo(transport=args.transport, shape=args.shape, pushes=args.pushes)
 

@@ -14,7 +14,7 @@ import zmq
 
 from refit import RefitError, Refitter, TransportError
 from refit.auth import CurveAuth
-from refit.demo import digest
+from refit.digest import digest
 from refit.receiver import RefitReceiver
 
 SECRET = "correct horse battery staple"

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from refit.api import Refitter
-from refit.demo import digest
+from refit.digest import digest
 from refit.errors import TransportError
 from refit.receiver import RefitReceiver
 from refit.transports import nccl as nccl_transport

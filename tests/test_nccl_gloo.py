@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 
-from refit.demo import digest
+from refit.digest import digest
 from refit.errors import RefitError, TransportError, WireError
 from refit.transports.collective import Backend, Rendezvous, choose_backend
 from tests.conftest import every_dtype_state, random_tensor

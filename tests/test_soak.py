@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from refit import Refitter
-from refit.demo import digest
+from refit.digest import digest
 from refit.receiver import RefitReceiver
 from tests.procs import open_fds, rss_bytes
 

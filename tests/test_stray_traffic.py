@@ -16,7 +16,7 @@ import torch
 import zmq
 
 from refit import Refitter
-from refit.demo import digest
+from refit.digest import digest
 from refit.receiver import RefitReceiver
 
 pytestmark = pytest.mark.integration

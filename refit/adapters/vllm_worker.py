@@ -192,7 +192,7 @@ class RefitWorkerExtension:
     @_replies
     def refit_digest(self) -> dict[str, Any]:
         """sha256 of every parameter and buffer (name, dtype, shape, bytes) of this worker."""
-        from refit.demo import digest
+        from refit.digest import digest
 
         model = self.model_runner.get_model()  # type: ignore[attr-defined]
         items = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from refit.demo import digest
+from refit.digest import digest
 from refit.shapes import get_shape, make_state
 from refit.transports.collective import cupy_nccl
 from tests.test_nccl_gloo import expected_target, run_world

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from refit.adapters.vllm_tiny import offline_env
+from refit.demos.tiny_vllm import offline_env
 from tests.procs import free_port
 
 offline_env("ERROR")  # before vLLM is imported

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from refit.adapters.vllm_tiny import NEW_TOKENS, PROMPTS, QWEN2, hf_greedy, hf_state, offline_env, shutdown, start_engine, vllm_greedy, write_config  # noqa: F401
+from refit.demos.tiny_vllm import NEW_TOKENS, PROMPTS, QWEN2, hf_greedy, hf_state, offline_env, shutdown, start_engine, vllm_greedy, write_config  # noqa: F401
 
 offline_env("WARNING")  # before vLLM is imported anywhere
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from refit.adapters.vllm_tiny import QWEN2, hf_state, start_engine, write_config
+from refit.demos.tiny_vllm import QWEN2, hf_state, start_engine, write_config
 
 KINDS = ("fp8_kv", "fp8_config")
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

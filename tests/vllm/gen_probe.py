@@ -18,7 +18,7 @@ import time
 import traceback
 from typing import Any
 
-from refit.adapters.vllm_tiny import hf_greedy, offline_env
+from refit.demos.tiny_vllm import hf_greedy, offline_env
 
 offline_env("WARNING")  # before vLLM is imported; the test reads the log (vLLM writes it to stdout)
 
@@ -31,7 +31,7 @@ TRANSPORTS = ("zmq", "nccl")
 
 
 def seeded(model: Any, seed: int) -> dict[str, Any]:
-    """Seeded random weights (as ``vllm_tiny.hf_state``) written into ``model``; its state dict."""
+    """Seeded random weights (as ``tiny_vllm.hf_state``) written into ``model``; its state dict."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -64,7 +64,7 @@ def run(arch: str) -> dict[str, Any]:
 
     from refit import Refitter
     from refit.adapters.vllm import VllmEngine
-    from refit.adapters.vllm_tiny import engine_kwargs, shutdown, vllm_greedy
+    from refit.demos.tiny_vllm import engine_kwargs, shutdown, vllm_greedy
     from tests.vllm.arch_probe import tiny_config
 
     t0 = time.perf_counter()

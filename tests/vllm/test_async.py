@@ -14,7 +14,7 @@ pytest.importorskip("zmq")
 pytestmark = pytest.mark.integration
 
 from refit import Refitter  # noqa: E402
-from refit.adapters.vllm_tiny import PROMPTS, engine_kwargs, greedy_params, hf_greedy, hf_state, write_config  # noqa: E402
+from refit.demos.tiny_vllm import PROMPTS, engine_kwargs, greedy_params, hf_greedy, hf_state, write_config  # noqa: E402
 
 
 async def _start(model_dir: str):  # type: ignore[no-untyped-def]

@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.integration]
 
 from refit import ResolveError, TransportError  # noqa: E402
 from refit.adapters.vllm import VllmEngine, raise_errors  # noqa: E402
-from refit.adapters.vllm_tiny import shutdown, vllm_greedy  # noqa: E402
+from refit.demos.tiny_vllm import shutdown, vllm_greedy  # noqa: E402
 
 from .fp8_engines import KINDS, NO_AVX512, fp8_engine, has_avx512, kv_scales, weights  # noqa: E402
 from .harness import PHASES  # noqa: E402

@@ -18,7 +18,7 @@ pytest.importorskip("vllm")
 pytestmark = [pytest.mark.integration]
 
 from refit.adapters.vllm import VllmEngine  # noqa: E402
-from refit.adapters.vllm_tiny import shutdown, vllm_greedy, write_config  # noqa: E402
+from refit.demos.tiny_vllm import shutdown, vllm_greedy, write_config  # noqa: E402
 
 from .fp8_engines import KINDS, NO_AVX512, fp8_config, fp8_engine, has_avx512, kv_scales, weights  # noqa: E402
 
@@ -31,7 +31,7 @@ def disk_generation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[l
         pytest.skip(NO_AVX512)
     from safetensors.torch import save_file
 
-    from refit.adapters.vllm_tiny import start_engine
+    from refit.demos.tiny_vllm import start_engine
 
     model_dir = write_config(tmp_path_factory.mktemp("disk"), fp8_config())
     save_file({**weights(model_dir, 3), **kv_scales("fp8_config", SCALE)}, str(Path(model_dir) / "model.safetensors"))

@@ -24,7 +24,7 @@ pytest.importorskip("modelopt.torch.quantization")
 pytestmark = [pytest.mark.integration]
 
 from refit.adapters.vllm import VllmEngine, raise_errors  # noqa: E402
-from refit.adapters.vllm_tiny import QWEN2, shutdown, start_engine, vllm_greedy, write_config  # noqa: E402
+from refit.demos.tiny_vllm import QWEN2, shutdown, start_engine, vllm_greedy, write_config  # noqa: E402
 
 from .conftest import read, refusal, refused  # noqa: E402
 from .fp8_engines import weights  # noqa: E402

@@ -13,7 +13,7 @@ pytest.importorskip("zmq")
 pytestmark = pytest.mark.integration
 
 from refit import Refitter  # noqa: E402
-from refit.adapters.vllm_tiny import QWEN3_MOE  # noqa: E402
+from refit.demos.tiny_vllm import QWEN3_MOE  # noqa: E402
 
 from .conftest import engine_fixture, hf_greedy, hf_state, vllm_greedy  # noqa: E402
 

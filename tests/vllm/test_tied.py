@@ -12,7 +12,7 @@ pytest.importorskip("vllm")
 pytestmark = pytest.mark.integration
 
 from refit import RefitError  # noqa: E402
-from refit.adapters.vllm_tiny import LLAMA_TIED  # noqa: E402
+from refit.demos.tiny_vllm import LLAMA_TIED  # noqa: E402
 
 from .conftest import engine_fixture, hf_greedy, hf_state, read, vllm_greedy  # noqa: E402
 

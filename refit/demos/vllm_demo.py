@@ -27,7 +27,7 @@ def main(transport: str = "zmq", shape: str = "tiny") -> int:
     if shape != "tiny":
         raise RefitError("the vLLM demo runs the tiny shape only (a CPU engine); drop --shape")
     from refit.adapters.vllm import VllmEngine
-    from refit.adapters.vllm_tiny import hf_greedy, hf_state, shutdown, start_engine, vllm_greedy, write_config
+    from refit.demos.tiny_vllm import hf_greedy, hf_state, shutdown, start_engine, vllm_greedy, write_config
 
     with tempfile.TemporaryDirectory(prefix="refit-demo-") as tmp:
         model_dir = write_config(Path(tmp))

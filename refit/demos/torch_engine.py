@@ -8,27 +8,14 @@ trainer checks them against its own, bit for bit.
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing as mp
 import time
 from typing import Any
 
-import torch
-
 from refit.api import Refitter
+from refit.digest import digest
 from refit.errors import RefitError
-from refit.pack import host_bytes
 from refit.shapes import SyntheticModel, get_shape, make_state
-
-
-def digest(tensors: dict[str, torch.Tensor]) -> str:
-    """One sha256 over every tensor's name, dtype, shape and raw bytes, in name order."""
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        v = tensors[k].detach().cpu().contiguous()
-        h.update(f"{k}:{v.dtype}:{tuple(v.shape)}".encode())
-        h.update(host_bytes(v))
-    return h.hexdigest()
 
 
 def engine(shape_name: str, transport: str, pushes: int, inbox: Any, outbox: Any) -> None:
