@@ -36,10 +36,10 @@ import torch
 
 from refit.errors import PlanError, problem_list
 from refit.gather import Gather
-from refit.meta import DTYPE_NAMES, Role, TensorMeta, dtype_name
+from refit.meta import DTYPE_NAMES, MIN_RUN, Role, TensorMeta, dtype_name
 from refit.pack import Lazy
 from refit.plan import PlanEntry
-from refit.scales import MIN_RUN, amax_mask, is_quant_state, run_problems, value_problem
+from refit.scales import amax_mask, is_quant_state, run_problems, value_problem
 from refit.signature import Signature
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)

@@ -8,9 +8,13 @@ starts or ends.
 from __future__ import annotations
 
 import enum
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
+import msgpack
 import torch
 
 from refit.errors import PlanError
@@ -134,16 +138,12 @@ class Manifest:
 
     @cached_property
     def digest(self) -> str:
-        from refit.wire import manifest_digest
-
         return manifest_digest(self)
 
     @cached_property
     def segments(self) -> tuple[list[tuple[int, int, bool]], ...]:
         """Per bucket, ``(i, j, is_run)`` pieces of ``by_bucket[b]``: runs of 0-d tensors at a
         constant stride (handled as one strided view) and single tensors."""
-        from refit.scales import segments
-
         return tuple(segments(metas) for metas in self.by_bucket)
 
     @cached_property
@@ -153,3 +153,63 @@ class Manifest:
         for m in self.metas:
             groups[m.bucket].append(m)
         return tuple(tuple(g) for g in groups)
+
+
+# ---------------------------------------------------------------- layout facts of a manifest
+
+
+def manifest_to_wire(m: Manifest) -> dict[str, Any]:
+    """Wire form of a manifest: columns of plain values, one row per meta (decoded and
+    validated by :func:`refit.wire.manifest_from_wire`)."""
+    return {
+        "bucket_bytes": m.bucket_bytes,
+        "alignment": m.alignment,
+        "bucket_sizes": list(m.bucket_sizes),
+        "tensors": [
+            [x.name, dtype_name(x.dtype), list(x.shape), x.role.value, x.bucket, x.offset, x.nbytes, x.chunk, x.chunks, x.start] for x in m.metas
+        ],
+    }
+
+
+def manifest_digest(m: Manifest) -> str:
+    """Content hash of the layout (sha256 of its canonical msgpack form); it travels in every
+    Hello, so both sides compute it the same way."""
+    return hashlib.sha256(msgpack.packb(manifest_to_wire(m), use_bin_type=True)).hexdigest()
+
+
+#: Runs of 0-d tensors shorter than this are cheaper one by one.
+MIN_RUN = 8
+
+
+def find_runs(metas: Sequence[TensorMeta]) -> list[tuple[int, int]]:
+    """Index ranges ``[i, j)`` of ``metas`` that are runs of >= MIN_RUN 0-d tensors of one dtype
+    at a constant stride (a multiple of the dtype's size)."""
+    out: list[tuple[int, int]] = []
+    i, n = 0, len(metas)
+    while i < n:
+        m = metas[i]
+        j = i + 1
+        if m.shape == () and i + 1 < n:
+            step = metas[i + 1].offset - m.offset
+            size = itemsize(m.dtype)
+            if step > 0 and step % size == 0:
+                while j < n and metas[j].shape == () and metas[j].dtype == m.dtype and metas[j].offset - metas[j - 1].offset == step:
+                    j += 1
+        if j - i >= MIN_RUN:
+            out.append((i, j))
+            i = j
+        else:
+            i += 1
+    return out
+
+
+def segments(metas: Sequence[TensorMeta]) -> list[tuple[int, int, bool]]:
+    """``metas`` cut into ``(i, j, is_run)`` pieces: runs, and the single tensors between them."""
+    out: list[tuple[int, int, bool]] = []
+    k = 0
+    for i, j in find_runs(metas):
+        out.extend((x, x + 1, False) for x in range(k, i))
+        out.append((i, j, True))
+        k = j
+    out.extend((x, x + 1, False) for x in range(k, len(metas)))
+    return out

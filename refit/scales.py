@@ -27,8 +27,6 @@ import torch
 from refit.errors import PlanError
 from refit.meta import Role, TensorMeta, itemsize
 
-MIN_RUN = 8  # shorter runs are cheaper one by one
-
 # Quantization scales by name (the last part of the name decides): KV-cache and attention
 # scales (``k_scale``, ``v_scale``, ``q_scale``, ``kv_scale``, ``prob_scale``, vLLM's
 # ``attn._k_scale`` buffers, older ``k_cache.scale``), per-tensor / per-channel / per-block
@@ -146,43 +144,9 @@ def amax_mask(names: Sequence[str], device: torch.device | str = "cpu") -> torch
     return torch.tensor(flags, device=device) if any(flags) else None
 
 
-def find_runs(metas: Sequence[TensorMeta]) -> list[tuple[int, int]]:
-    """Index ranges ``[i, j)`` of ``metas`` that are runs of >= MIN_RUN 0-d tensors of one dtype
-    at a constant stride (a multiple of the dtype's size)."""
-    out: list[tuple[int, int]] = []
-    i, n = 0, len(metas)
-    while i < n:
-        m = metas[i]
-        j = i + 1
-        if m.shape == () and i + 1 < n:
-            step = metas[i + 1].offset - m.offset
-            size = itemsize(m.dtype)
-            if step > 0 and step % size == 0:
-                while j < n and metas[j].shape == () and metas[j].dtype == m.dtype and metas[j].offset - metas[j - 1].offset == step:
-                    j += 1
-        if j - i >= MIN_RUN:
-            out.append((i, j))
-            i = j
-        else:
-            i += 1
-    return out
-
-
 def run_view(bucket: torch.Tensor, metas: Sequence[TensorMeta]) -> torch.Tensor:
-    """1-D strided view of a run's values in ``bucket`` (see :func:`find_runs`)."""
+    """1-D strided view of a run's values in ``bucket`` (see :func:`refit.meta.find_runs`)."""
     first, size = metas[0], itemsize(metas[0].dtype)
     step = (metas[1].offset - first.offset) if len(metas) > 1 else size
     span = step * (len(metas) - 1) + size
     return bucket[first.offset : first.offset + span].view(first.dtype)[:: step // size]
-
-
-def segments(metas: Sequence[TensorMeta]) -> list[tuple[int, int, bool]]:
-    """``metas`` cut into ``(i, j, is_run)`` pieces: runs, and the single tensors between them."""
-    out: list[tuple[int, int, bool]] = []
-    k = 0
-    for i, j in find_runs(metas):
-        out.extend((x, x + 1, False) for x in range(k, i))
-        out.append((i, j, True))
-        k = j
-    out.extend((x, x + 1, False) for x in range(k, len(metas)))
-    return out

@@ -8,7 +8,6 @@ a socket that unpickles is a remote code execution hole.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import msgpack
 
 from refit.errors import PlanError, WireError
-from refit.meta import DTYPES, Manifest, Role, TensorMeta, dtype_from_name, dtype_name, itemsize
+from refit.meta import DTYPES, Manifest, Role, TensorMeta, dtype_from_name, itemsize, manifest_to_wire
 from refit.plan import MAX_NAME_LEN, MIN_ALIGNMENT
 from refit.report import RefitReport
 
@@ -27,23 +26,6 @@ MAX_PROBLEMS = 10_000
 MAX_U64 = (1 << 63) - 1
 
 # ---------------------------------------------------------------- manifest
-
-
-def manifest_to_wire(m: Manifest) -> dict[str, Any]:
-    """Wire form of a manifest: columns of plain values, one row per meta."""
-    return {
-        "bucket_bytes": m.bucket_bytes,
-        "alignment": m.alignment,
-        "bucket_sizes": list(m.bucket_sizes),
-        "tensors": [
-            [x.name, dtype_name(x.dtype), list(x.shape), x.role.value, x.bucket, x.offset, x.nbytes, x.chunk, x.chunks, x.start] for x in m.metas
-        ],
-    }
-
-
-def manifest_digest(m: Manifest) -> str:
-    """Content hash of the layout (sha256 of its canonical msgpack form)."""
-    return hashlib.sha256(msgpack.packb(manifest_to_wire(m), use_bin_type=True)).hexdigest()
 
 
 def check_int(v: Any, field: str, lo: int = 0, hi: int = MAX_U64) -> int:

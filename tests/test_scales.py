@@ -9,10 +9,10 @@ import torch
 
 from refit import PlanError, Refitter, ResolveError
 from refit.load import Loader
-from refit.meta import Role
+from refit.meta import MIN_RUN, Role, find_runs
 from refit.plan import PlanEntry, plan
 from refit.resolve import Placement, Resolution, TensorsResolver
-from refit.scales import MIN_RUN, find_runs, run_view
+from refit.scales import run_view
 from refit.send import stream
 from refit.transports.local import LocalSender
 from tests.conftest import same_bits
