@@ -30,7 +30,7 @@ import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import compress
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -166,6 +166,16 @@ def _pairs(state: Iterable[Any]) -> list[tuple[str, Any]]:
     return pairs
 
 
+class _Last(NamedTuple):
+    """The last mapping state and what it gave, reused when the same tensors come again."""
+
+    layout: _ScaleLayout | None
+    names: tuple[str, ...]
+    refs: list[weakref.ref[Any]]  # weak: the Collector must not keep a trainer's tensors alive
+    entries: list[PlanEntry]
+    signature: tuple[list[Any], list[Any]]
+
+
 class Collector:
     """Validates push input; remembers the scales' layout between pushes."""
 
@@ -174,7 +184,7 @@ class Collector:
         self._split: _Split | None = None  # which entries of the last mapping state are scales
         # the last state (names and tensor objects) and what it gave, reused when the same
         # tensors come again (e.g. the same parameters every step)
-        self._last: tuple[_ScaleLayout | None, tuple[str, ...], list[weakref.ref[Any]], list[PlanEntry], tuple[list[Any], list[Any]]] | None = None
+        self._last: _Last | None = None
 
     def __call__(self, state: StateLike, scales: Mapping[str, torch.Tensor] | None) -> Collected:
         """Validate ``state`` and ``scales``.
@@ -206,14 +216,14 @@ class Collector:
             last = self._last
             if (
                 last is not None
-                and last[0] is layout
-                and last[1] == state_names
-                and _same_objects(last[2], state_values)
-                and last[4] == _signature(state_values)
+                and last.layout is layout
+                and last.names == state_names
+                and _same_objects(last.refs, state_values)
+                and last.signature == _signature(state_values)
             ):
                 # the same tensors as last push: nothing to re-check
                 sources.update(zip(state_names, state_values))
-                return Collected(last[3], sources, blocks)
+                return Collected(last.entries, sources, blocks)
         entries = list(layout.entries) if layout else []
         lazy_scales: list[PlanEntry] = []  # planned right after the scales, checked by receivers
         reusable = True
@@ -247,7 +257,7 @@ class Collector:
         if isinstance(state, Mapping) and reusable:
             try:  # weak references: the Collector must not keep a trainer's tensors alive between pushes
                 state_values = list(state.values())
-                self._last = (layout, tuple(state), [weakref.ref(v) for v in state_values], entries, _signature(state_values))
+                self._last = _Last(layout, tuple(state), [weakref.ref(v) for v in state_values], entries, _signature(state_values))
             except TypeError:  # a value that cannot be weakly referenced: no reuse
                 pass
         return Collected(entries, sources, blocks)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -20,6 +21,14 @@ from refit.meta import Manifest, TensorMeta
 from refit.pack import chunk_of, copy_many
 from refit.report import RefitReport
 from refit.resolve import Placement, Resolution, Resolver
+
+
+class _Prepared(NamedTuple):
+    """A layout's resolution, kept while the layout repeats."""
+
+    digest: str
+    steps: list[list[Step]]  # per bucket
+    local: int  # entries this receiver loads
 
 
 @dataclass
@@ -54,7 +63,7 @@ class Loader:
         self.torn = False
         self._push: _Push | None = None
         self._layouts: dict[str, Manifest] = {}
-        self._prepared: tuple[str, list[list[Step]], int] | None = None  # digest, steps, local entries
+        self._prepared: _Prepared | None = None  # the last layout's resolution
         self._bucket_plans: dict[tuple[int, int, int, torch.device], BucketPlan] = {}  # for persistent buffers
         self._torn_keys: set[str] = set()  # what broken pushes may have half-written
         #: True when no bucket handed to ``apply`` is ever written again (a fresh frame per
@@ -91,11 +100,11 @@ class Loader:
             self.abort("a new push began before the previous one finished")
         stale = self._version_problems(version)
         cached = self._prepared
-        if cached is None or cached[0] != manifest.digest or not getattr(self.resolver, "stable", True):
+        if cached is None or cached.digest != manifest.digest or not getattr(self.resolver, "stable", True):
             problems, steps, local = self._resolve(manifest)
             if problems:
                 return stale + problems
-            cached = self._prepared = (manifest.digest, steps, local)
+            cached = self._prepared = _Prepared(manifest.digest, steps, local)
             self._bucket_plans.clear()
         if stale:
             return stale
@@ -105,7 +114,7 @@ class Loader:
             if problems:
                 self._abandon()
                 return sorted(problems)
-        self._push = _Push(version, manifest, cached[1], t0)
+        self._push = _Push(version, manifest, cached.steps, t0)
         self._push.seconds["resolve"] = time.perf_counter() - t0
         self._layouts[manifest.digest] = manifest
         return []
@@ -267,7 +276,7 @@ class Loader:
         if push.next_bucket != m.num_buckets:
             self.abort(f"finish after {push.next_bucket} of {m.num_buckets} buckets")
             raise TornStateError(f"{self.name}: push ended after {push.next_bucket} of {m.num_buckets} buckets")
-        expected = self._prepared[2] if self._prepared is not None else -1
+        expected = self._prepared.local if self._prepared is not None else -1
         if push.applied != expected:
             self.abort("entries not applied exactly once")
             raise TornStateError(f"{self.name}: applied {push.applied} entries, expected {expected}")
