@@ -46,13 +46,13 @@ def _list(v: Any, field: str, max_len: int = MAX_U64) -> list[Any]:
     return v
 
 
-def _bytes(v: Any, field: str, max_len: int) -> bytes:
+def check_bytes(v: Any, field: str, max_len: int) -> bytes:
     if type(v) is not bytes or len(v) > max_len:
         raise WireError(f"field {field!r}: expected at most {max_len} bytes")
     return v
 
 
-def _bool(v: Any, field: str) -> bool:
+def check_bool(v: Any, field: str) -> bool:
     if type(v) is not bool:
         raise WireError(f"field {field!r}: expected a bool, got {v!r:.80}")
     return v
@@ -337,14 +337,14 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
             digest=check_str(d.get("digest"), "digest", 128),
             manifest=None if raw_manifest is None else manifest_from_wire(raw_manifest),
             num_buffers=check_int(d.get("num_buffers"), "num_buffers", 1, 64),
-            extra=_bytes(d.get("extra", b""), "extra", 1 << 20),
+            extra=check_bytes(d.get("extra", b""), "extra", 1 << 20),
         )
     if kind == "verdict":
         problems = _list(d.get("problems"), "problems", MAX_PROBLEMS)
         return Verdict(
             push_id=push_id,
-            accept=_bool(d.get("accept"), "accept"),
-            need_manifest=_bool(d.get("need_manifest"), "need_manifest"),
+            accept=check_bool(d.get("accept"), "accept"),
+            need_manifest=check_bool(d.get("need_manifest"), "need_manifest"),
             problems=tuple(check_str(p, f"problems[{i}]") for i, p in enumerate(problems)),
             peer=check_str(d.get("peer"), "peer", 256),
         )
@@ -361,5 +361,5 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     if kind == "probe":
         return Probe(push_id)
     if kind == "status":
-        return Status(push_id, check_int(d.get("version"), "version"), _bool(d.get("torn"), "torn"), check_str(d.get("peer"), "peer", 256))
+        return Status(push_id, check_int(d.get("version"), "version"), check_bool(d.get("torn"), "torn"), check_str(d.get("peer"), "peer", 256))
     raise WireError(f"field 'type': unknown message type {kind!r:.40}")

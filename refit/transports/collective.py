@@ -53,6 +53,7 @@ import msgpack
 import torch
 
 from refit.errors import TransportError, WireError
+from refit.wire import check_bool, check_bytes, check_int, check_str
 
 RENDEZVOUS_VERSION = 2
 
@@ -148,43 +149,38 @@ class Rendezvous:
             raise WireError(f"rendezvous: not msgpack ({exc}); sender and receiver must run the same refit version") from None
         if not isinstance(d, dict):
             raise WireError("rendezvous: expected a map")
-
-        def field(name: str, kind: type | tuple[type, ...]) -> Any:
-            value = d.get(name)
-            if not isinstance(value, kind) or isinstance(value, bool):
-                raise WireError(f"rendezvous field {name!r}: expected {kind}, got {type(value).__name__}")
-            return value
-
-        if field("v", int) != RENDEZVOUS_VERSION:
-            raise WireError(f"rendezvous field 'v': version {d['v']} not supported (this refit speaks {RENDEZVOUS_VERSION})")
         try:
-            backend = Backend(field("backend", str))
+            return cls._fields(d)
+        except WireError as exc:
+            raise WireError(f"rendezvous {exc}") from None
+
+    @classmethod
+    def _fields(cls, d: dict[str, Any]) -> Rendezvous:
+        """The fields of a decoded map, each checked in the wire module's one style."""
+        if check_int(d.get("v"), "v") != RENDEZVOUS_VERSION:
+            raise WireError(f"field 'v': version {d['v']} not supported (this refit speaks {RENDEZVOUS_VERSION})")
+        try:
+            backend = Backend(check_str(d.get("backend"), "backend", 16))
         except ValueError:
-            raise WireError(f"rendezvous field 'backend': unknown {d['backend']!r}") from None
-        world, rank, port = field("world", int), field("rank", int), field("port", int)
-        if not 2 <= world <= 1 << 16:
-            raise WireError(f"rendezvous field 'world': {world} out of range [2, 65536]")
-        if not 1 <= rank < world:
-            raise WireError(f"rendezvous field 'rank': {rank} out of range [1, {world})")
-        if not 0 < port < 65536:
-            raise WireError(f"rendezvous field 'port': {port} out of range")
-        group, host = field("group", str), field("host", str)
-        if not 0 < len(group) <= 64 or not 0 < len(host) <= 255:
-            raise WireError("rendezvous field 'group' or 'host': empty or too long")
-        unique_id = field("unique_id", bytes)
+            raise WireError(f"field 'backend': unknown {d['backend']!r}") from None
+        world = check_int(d.get("world"), "world", 2, 1 << 16)
+        rank = check_int(d.get("rank"), "rank", 1, world - 1)
+        port = check_int(d.get("port"), "port", 1, 65535)
+        group, host = check_str(d.get("group"), "group", 64), check_str(d.get("host"), "host", 255)
+        if not group or not host:
+            raise WireError("field 'group' or 'host': empty")
+        unique_id = check_bytes(d.get("unique_id"), "unique_id", 128)
         if backend is Backend.NCCL and len(unique_id) != 128:
-            raise WireError(f"rendezvous field 'unique_id': NCCL ids are 128 bytes, got {len(unique_id)}")
-        timeout = float(field("timeout", (int, float)))
-        if not (math.isfinite(timeout) and timeout > 0):
-            raise WireError(f"rendezvous field 'timeout': {timeout} must be a positive number of seconds")
-        fresh = d.get("fresh")
-        if not isinstance(fresh, bool):
-            raise WireError(f"rendezvous field 'fresh': expected a bool, got {type(fresh).__name__}")
-        prelude = field("prelude", int)
-        if not 0 <= prelude < 1 << 62:
-            raise WireError(f"rendezvous field 'prelude': {prelude} out of range")
-        fields = {"backend": backend, "group": group, "rank": rank, "world": world, "host": host, "port": port}
-        return cls(**fields, unique_id=unique_id, timeout=timeout, fresh=fresh, prelude=prelude)
+            raise WireError(f"field 'unique_id': NCCL ids are 128 bytes, got {len(unique_id)}")
+        timeout = d.get("timeout")
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not (math.isfinite(timeout) and timeout > 0):
+            raise WireError(f"field 'timeout': {timeout!r:.40} must be a positive number of seconds")
+        fresh = check_bool(d.get("fresh"), "fresh")
+        prelude = check_int(d.get("prelude"), "prelude", 0, (1 << 62) - 1)
+        return cls(
+            backend=backend, group=group, rank=rank, world=world, host=host, port=port,
+            unique_id=unique_id, timeout=float(timeout), fresh=fresh, prelude=prelude,
+        )
 
 
 def new_group_id() -> str:
