@@ -48,19 +48,9 @@ from refit.meta import Manifest
 from refit.report import RefitReport
 from refit.transports.base import ReceiverTransport, Sender
 from refit.transports.control import ControlServer, Frames
+from refit.transports.cuda_runtime import cuda_index, gpu_uuid, host_id
 from refit.transports.peers import PeerGroup, Peers, peer_infos
-from refit.transports.shared_buffers import (
-    IPC_HANDLE_BYTES,
-    Kind,
-    MappedBuffers,
-    Offer,
-    SharedBuffers,
-    Sync,
-    cuda_index,
-    decode_offer,
-    gpu_uuid,
-    host_id,
-)
+from refit.transports.shared_buffers import IPC_HANDLE_BYTES, Kind, MappedBuffers, Offer, SharedBuffers, Sync, decode_offer
 from refit.wire import Bucket, Hello
 
 _GRANULE = 2 << 20  # bucket capacity is rounded up to this (the CUDA allocation granularity)

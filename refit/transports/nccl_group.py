@@ -13,7 +13,7 @@ import torch
 
 from refit.errors import TransportError
 from refit.transports.collective import Backend, Communicator, Handle, Rendezvous, barrier, cupy_nccl
-from refit.transports.shared_buffers import cuda_index
+from refit.transports.cuda_runtime import cuda_index
 
 # cupy's broadcast takes an ``int`` count: larger buckets go in pieces below 2**31.
 _NCCL_MAX_COUNT = 1 << 30

@@ -12,8 +12,8 @@ Why this way:
   (``storage._share_cuda_``) fails, and a bucket carved from a cached block would export the
   whole segment. A raw allocation exports exactly itself. Torch sees it through
   ``__cuda_array_interface__`` (version 2: no stream semantics; we order work with events).
-* Every CUDA runtime call goes through :func:`cuda_call`, the one place that turns a status
-  into a :class:`TransportError` with a fix-it hint.
+* Every CUDA runtime call goes through :func:`~refit.transports.cuda_runtime.cuda_call`, the
+  one place that turns a status into a :class:`TransportError` with a fix-it hint.
 * CPU buckets are files in ``/dev/shm`` mapped with ``torch.from_file(shared=True)``: torch owns
   each mapping and unmaps it only when the last tensor view dies, so ``close()`` can unlink the
   segment at once without ever leaving a dangling view. The sender registers each segment with
@@ -33,25 +33,23 @@ import enum
 import os
 import re
 import secrets
-import socket
 import tempfile
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import resource_tracker
-from typing import Any, TypeVar
+from typing import Any
 
 import msgpack
 import torch
 
 from refit.errors import TransportError, WireError
+from refit.transports.cuda_runtime import cuda_call, cuda_index, device_tensor, runtime
 from refit.wire import MAX_U64, check_int, check_str
 
 MAX_BUFFERS = 64  # Hello.num_buffers and Bucket.slot allow at most this many
 IPC_HANDLE_BYTES = 64  # sizeof(cudaIpcMemHandle_t) == sizeof(cudaIpcEventHandle_t)
 _SHM_NAME = re.compile(r"^refit_[0-9a-f]{1,16}_[0-9a-f]{1,16}_[0-9]{1,2}$")
 _SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-T = TypeVar("T")
 
 
 class Kind(enum.StrEnum):
@@ -73,71 +71,6 @@ class Sync(enum.StrEnum):
 
     EVENT = "event"
     STREAM = "stream"
-
-
-# ---------------------------------------------------------------- CUDA runtime, one checker
-
-_HINTS = {
-    2: " (out of device memory: lower bucket_bytes or num_buffers)",
-    201: " (invalid context: a CUDA IPC handle cannot be opened by the process that exported it)",
-    400: " (invalid handle: the sender freed or re-allocated its buckets; push again)",
-    205: " (map failed: the handle is already open in this process, or the GPUs differ)",
-}
-
-
-def _runtime() -> Any:
-    try:
-        import cupy.cuda.runtime as rt
-    except ImportError as exc:
-        raise TransportError(f"cuda_ipc on GPUs needs CuPy: pip install cupy-cuda12x (or cupy-cuda13x for CUDA 13): {exc}") from exc
-    return rt
-
-
-def cuda_call(what: str, fn: Callable[..., T], *args: Any) -> T:
-    """Run one CUDA runtime call (a ``cupy.cuda.runtime`` function); its failure raises here.
-
-    Raises:
-        TransportError: naming the call and the CUDA status, with a hint where one helps.
-    """
-    rt = _runtime()
-    try:
-        return fn(*args)
-    except rt.CUDARuntimeError as exc:
-        status = getattr(exc, "status", None)
-        hint = _HINTS.get(status, "") if isinstance(status, int) else ""
-        raise TransportError(f"CUDA {what} failed: {exc}{hint}") from None
-
-
-class _DeviceMemory:
-    """Presents ``nbytes`` of raw device memory at ``ptr`` to ``torch.as_tensor``.
-
-    Version 2 of the interface carries no stream: torch does not synchronize on import, and the
-    transport orders work itself.
-    """
-
-    def __init__(self, ptr: int, nbytes: int) -> None:
-        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 2, "strides": None}
-
-
-def device_tensor(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
-    """A 1-D uint8 tensor over raw device memory (valid only while that memory is)."""
-    return torch.as_tensor(_DeviceMemory(ptr, nbytes), device=device)
-
-
-def gpu_uuid(device: torch.device) -> str:
-    """The UUID of ``device``'s physical GPU (the same whatever CUDA_VISIBLE_DEVICES says)."""
-    return str(torch.cuda.get_device_properties(device).uuid)
-
-
-def host_id() -> str:
-    """Identity of this host for the shared-memory path (boot id where Linux has one)."""
-    with contextlib.suppress(OSError), open("/proc/sys/kernel/random/boot_id") as f:
-        return f.read().strip()
-    return socket.gethostname()
-
-
-def cuda_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 # ---------------------------------------------------------------- the offer (Hello.extra)
@@ -280,7 +213,7 @@ class SharedBuffers:
         _LOCAL[self.set_id] = self
 
     def _allocate_cuda(self) -> None:
-        rt = _runtime()
+        rt = runtime()
         import cupy
 
         handles: list[bytes | str] = []
@@ -321,7 +254,7 @@ class SharedBuffers:
         _LOCAL.pop(self.set_id, None)
         self.tensors, self.events = [], []
         if self._ptrs:
-            rt = _runtime()
+            rt = runtime()
             import cupy
 
             torch.cuda.synchronize(self.device)  # no pack kernel of ours may still write them
@@ -389,7 +322,7 @@ class MappedBuffers:
         return self
 
     def _open_cuda(self, offer: Offer) -> None:
-        rt = _runtime()
+        rt = runtime()
         import cupy
 
         if self.device.type != "cuda":
@@ -417,7 +350,7 @@ class MappedBuffers:
         """Close the CUDA IPC handles (or drop the shm mappings). Idempotent."""
         self.tensors, self.events = [], []
         if self._opened:
-            rt = _runtime()
+            rt = runtime()
             import cupy
 
             torch.cuda.synchronize(self.device)  # no copy of ours may still read them
