@@ -243,6 +243,13 @@ def bench_nccl(shape_name: str, device: torch.device, bucket_bytes: int, num_buf
 BENCHES = {"local": bench_local, "zmq": bench_zmq, "cuda_ipc": bench_cuda_ipc, "nccl": bench_nccl}
 
 
+def unavailable(transport: str, device: str) -> str:
+    """Why ``transport`` cannot be measured on ``device`` here ("" if it can)."""
+    if transport == "nccl" and torch.device(device).type == "cuda" and torch.cuda.device_count() < 2:
+        return f"nccl on CUDA needs 2 GPUs (one per rank), found {torch.cuda.device_count()}"
+    return ""
+
+
 def run(transport: str, shape: str, device: str, bucket_bytes: int, num_buffers: int, repeat: int) -> Row:
     if transport not in BENCHES:
         raise RefitError(f"refit bench supports {sorted(BENCHES)}; see benchmarks/ for the other transports")

@@ -14,7 +14,12 @@ from refit.shapes import SHAPES
 def _bench(args: argparse.Namespace) -> int:
     from refit import bench
 
-    transports = list(bench.BENCHES) if "all" in args.transport else args.transport
+    transports = args.transport
+    if "all" in transports:  # every transport this machine can run; say which were left out
+        transports = [t for t in bench.BENCHES if not bench.unavailable(t, args.device)]
+        for t in bench.BENCHES:
+            if why := bench.unavailable(t, args.device):
+                print(f"refit bench: skipping {t}: {why}", file=sys.stderr)
     rows = [bench.run(t, args.shape, args.device, args.bucket_bytes, args.num_buffers, args.repeat) for t in transports]
     print(bench.table(rows))
     if args.json:
