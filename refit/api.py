@@ -14,6 +14,7 @@ from refit.collect import Collector, StateLike
 from refit.errors import PlanError, RefitError
 from refit.meta import Manifest
 from refit.options import check_options, check_timeout
+from refit.pack import Lazy
 from refit.plan import DEFAULT_ALIGNMENT, DEFAULT_BUCKET_BYTES, PlanEntry, check_layout_options, default_tail_bytes, plan
 from refit.report import RefitReport
 from refit.send import stream
@@ -120,7 +121,7 @@ class Refitter:
         self._last = (entries, manifest)
         return manifest
 
-    def push(self, state: StateLike, scales: Mapping[str, torch.Tensor] | None = None, *, version: int | None = None) -> RefitReport:
+    def push(self, state: StateLike, scales: Mapping[str, torch.Tensor | Lazy] | None = None, *, version: int | None = None) -> RefitReport:
         """Push ``state`` (name -> tensor or :class:`~refit.Lazy`) and ``scales`` (name -> tensor).
 
         Args:

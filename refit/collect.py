@@ -186,7 +186,7 @@ class Collector:
         # tensors come again (e.g. the same parameters every step)
         self._last: _Last | None = None
 
-    def __call__(self, state: StateLike, scales: Mapping[str, torch.Tensor] | None) -> Collected:
+    def __call__(self, state: StateLike, scales: Mapping[str, torch.Tensor | Lazy] | None) -> Collected:
         """Validate ``state`` and ``scales``.
 
         Scales and amax inside ``state`` (by name, :func:`refit.scales.is_quant_state`) are
@@ -205,11 +205,12 @@ class Collector:
         problems: list[str] = []
         scales = scales or {}
         lazy = [(n, v) for n, v in scales.items() if isinstance(v, Lazy)]
+        tensors: Mapping[str, torch.Tensor] = scales  # type: ignore[assignment]  # (no Lazy left, or filtered below)
         if lazy:  # a Lazy scale has no value to check yet: planned as a scale, checked by receivers
-            scales = {n: v for n, v in scales.items() if not isinstance(v, Lazy)}
+            tensors = {n: v for n, v in scales.items() if not isinstance(v, Lazy)}
             state = [*lazy, *(state.items() if isinstance(state, Mapping) else state)]
         lazy_names = {n for n, _ in lazy}
-        names, values, sources, state = self._quant_state(state, scales)
+        names, values, sources, state = self._quant_state(state, tensors)
         layout, blocks = self._scales(names, values, problems)
         if isinstance(state, Mapping) and not problems:
             state_names, state_values = tuple(state), list(state.values())
