@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs (vLLM's CPU build included), lint, type-check, check the
-# import layers, then run every tier but `gpu`. Fails if a test fails or if no test ran.
+# import layers, build the documentation site, then run every tier but `gpu`. Fails if a test fails or if no test ran.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh zmq,test
+bash scripts/setup.sh zmq,test,docs
 . .venv/bin/activate
 if ! python -c "import vllm" 2>/dev/null; then
   # Real vLLM for the adapter's integration tests: the CPU build, same torch; then drop the CUDA
@@ -19,5 +19,7 @@ fi
 ruff check refit tests benchmarks
 mypy
 lint-imports  # the layer contracts in pyproject.toml
+# the documentation site (mkdocs.yml; API reference from the docstrings), warnings as errors
+NO_MKDOCS_2_WARNING=1 mkdocs build --strict --quiet --site-dir "$(mktemp -d)"
 export VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python -m pytest -m "not gpu" -p no:cacheprovider "$@"
