@@ -101,3 +101,19 @@ def test_modelopt_amax_lands_unchanged_in_its_quantizer(setup: dict[str, Any]) -
     assert vllm_greedy(llm) == setup["ref"]  # the weights of the same push loaded as before
     message = refused(engine, {**amax, "model.layers.0.self_attn.o_proj.input_quantizer._amax": torch.tensor(1.0)}, version=10**6)
     assert "model.layers.0.self_attn.o_proj.input_quantizer._amax" in message and "amax_to_scale" in message
+
+
+def test_documented_targets_example_runs_as_written(setup: dict[str, Any]) -> None:
+    """docs/vllm.md's "ask before pushing" lines, as a user would paste them: a state in the
+    wrong dtypes (float32 everywhere) is cast once to what each target holds, then accepted."""
+    import re
+    import textwrap
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "vllm.md").read_text()
+    blocks = [textwrap.dedent(b) for b in re.findall(r"```python\n(.*?)```", text, re.S) if "engine.targets(state)" in b]
+    assert len(blocks) == 1, "docs/vllm.md should hold one targets() example"
+    namespace = {"engine": setup["engine"], "state": {k: v.float() for k, v in setup["good"].items()}, "torch": torch}
+    exec(blocks[0], namespace)
+    setup["engine"].apply(namespace["state"])
+    assert vllm_greedy(setup["llm"]) == setup["ref"]
