@@ -172,8 +172,7 @@ def bench_zmq_state(
     """A zmq push of ``state`` + ``scales`` to a receiver process over loopback tcp, beside raw
     pyzmq zero-copy sends of the same bytes in the same bucket sizes to the same process."""
 
-    both = {**state, **scales}
-    nbytes = sum(v.numel() * v.element_size() for v in both.values())
+    both, nbytes = _payload(state, scales)
 
     def ceiling(raw_addr: str) -> float:
         flat = torch.ones(bucket_bytes, dtype=torch.uint8)
@@ -189,11 +188,16 @@ def bench_cuda_ipc(shape_name: str, device: torch.device, bucket_bytes: int, num
     """A ``cuda_ipc`` push to a receiver process on the same device (shared memory on the CPU)
     beside one copy of the same bytes on that device (a push makes two: pack and apply)."""
     state, scales = make_state(get_shape(shape_name), device=device)
-    both = {**state, **scales}
-    nbytes = sum(v.numel() * v.element_size() for v in both.values())
+    both, nbytes = _payload(state, scales)
     one_copy = lambda _: copy_ceiling(nbytes, device, repeat)  # noqa: E731
     seconds, ceiling_s = _push_to_process("cuda_ipc", state, scales, device, bucket_bytes, num_buffers, repeat, one_copy)
     return _row("cuda_ipc", shape_name, device, nbytes, len(both), seconds, ceiling_s, "one copy_ (a push makes 2)")
+
+
+def _payload(state: dict[str, torch.Tensor], scales: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """Every tensor of a push, and their bytes."""
+    both = {**state, **scales}
+    return both, sum(v.numel() * v.element_size() for v in both.values())
 
 
 def _push_to_process(
