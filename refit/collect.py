@@ -73,9 +73,17 @@ class Collected:
     blocks: ScaleBlocks | None
 
 
+_PLAIN_DISPATCH = torch.Tensor.__torch_dispatch__
+
+
 def _check_tensor(name: str, value: object) -> str:
     if not isinstance(value, torch.Tensor):
         return f"{name}: expected a torch.Tensor or refit.Lazy, got {type(value).__name__}"
+    if type(value).__torch_dispatch__ is not _PLAIN_DISPATCH:  # a wrapper subclass: its memory is not its values
+        return (
+            f"{name}: a {type(value).__name__} (a tensor subclass with its own __torch_dispatch__, e.g. DTensor) cannot travel as is; "
+            "pass a plain tensor (DTensor: .full_tensor(); or push refit.sources.Source(model), which gathers them)"
+        )
     if value.layout != torch.strided or value.is_meta:
         return f"{name}: {value.layout} / meta tensors cannot travel; pass a dense tensor"
     try:
@@ -159,6 +167,8 @@ class _Split:
 
 
 def _pairs(state: Iterable[Any]) -> list[tuple[str, Any]]:
+    if isinstance(state, str | bytes | torch.Tensor) or not isinstance(state, Iterable):
+        raise PlanError(f"state must be a mapping or an iterable of (name, tensor) pairs, got {type(state).__name__}")
     pairs = list(state)
     for pair in pairs:
         if not isinstance(pair, tuple) or len(pair) != 2:

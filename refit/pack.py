@@ -11,6 +11,7 @@ reaches higher bandwidth than the multi-tensor kernel does for big contiguous bl
 from __future__ import annotations
 
 import ctypes
+import operator
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,7 +48,15 @@ class Lazy:
     fill: Callable[[torch.Tensor], object]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        try:
+            if isinstance(self.shape, str | bytes) or any(isinstance(d, bool) for d in self.shape):
+                raise TypeError
+            shape = tuple(operator.index(d) for d in self.shape)
+        except TypeError:
+            shape = (-1,)
+        if any(d < 0 for d in shape):
+            raise PlanError(f"Lazy.shape must be a tuple of ints >= 0 (e.g. tensor.shape), got {self.shape!r:.80}")
+        object.__setattr__(self, "shape", shape)
         if not callable(self.fill):
             raise PlanError(f"Lazy.fill must be callable, got {type(self.fill).__name__}")
         if not isinstance(self.dtype, torch.dtype):
@@ -182,7 +191,11 @@ def pack(
         if isinstance(src, Lazy):
             if meta.is_chunked:
                 raise PlanError(f"{meta.name}: a chunked Lazy tensor must be materialized before packing")
-            src.fill(view)
+            try:
+                src.fill(view)
+            except BaseException as exc:
+                exc.add_note(f"refit: raised by the Lazy producer of {meta.name!r} (bucket {meta.bucket}); the push was abandoned")
+                raise
             continue
         dsts.append(view)
         srcs.append(chunk_of(src, meta) if meta.is_chunked else src)

@@ -12,12 +12,15 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from refit.demos.tiny_vllm import offline_env
 from tests.procs import free_port
+
+if TYPE_CHECKING:
+    from vllm.config.model import ModelDType
 
 offline_env("ERROR")  # before vLLM is imported
 
@@ -98,10 +101,11 @@ def checkpoint_state(cls: Any, cfg: Any, d: str) -> dict[str, tuple[tuple[int, .
     return state
 
 
-def build_vllm(model_dir: str, port: int, *, dtype: str = "float32", process: bool = True, **engine_args: Any) -> tuple[Any, Any]:
+def build_vllm(model_dir: str, port: int, *, dtype: ModelDType = "float32", process: bool = True, **engine_args: Any) -> tuple[Any, Any]:
     """A vLLM model built as an engine's worker would (TP=1), without an engine.
 
-    ``process=False`` skips the post-load steps (FP8 models: this CPU has no FP8 kernels)."""
+    ``process=False`` skips the post-load steps (FP8 models: this CPU has no FP8 kernels). Dummy
+    weights unless ``load_format`` is given (the weights are then loaded by the caller)."""
     from vllm.model_executor.models import registry
 
     # vLLM inspects each model class in a fresh subprocess (~10 s) to keep CUDA out of the
@@ -113,7 +117,7 @@ def build_vllm(model_dir: str, port: int, *, dtype: str = "float32", process: bo
     from vllm.model_executor.model_loader.utils import initialize_model, process_weights_after_loading
 
     args = EngineArgs(
-        model=model_dir, load_format="dummy", skip_tokenizer_init=True, enforce_eager=True, dtype=dtype, max_model_len=128, seed=0, **engine_args
+        model=model_dir, skip_tokenizer_init=True, enforce_eager=True, dtype=dtype, max_model_len=128, seed=0, **{"load_format": "dummy", **engine_args}
     )
     cfg = args.create_engine_config()
     with set_current_vllm_config(cfg):
