@@ -25,12 +25,14 @@ Without CUDA the transport runs over shared memory and baselines (a)/(b) are ski
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +208,11 @@ def copy_out_of_bucket(msg: dict[str, Any], targets: dict[str, torch.Tensor], de
 # ---------------------------------------------------------------- main
 
 
+def times_one(v: torch.Tensor) -> Callable[[torch.Tensor], object]:
+    """A Lazy producer writing ``v * 1.0`` into its output (a compute kernel reading v, writing out)."""
+    return lambda out: torch.mul(v, 1.0, out=out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="llama-8b", help="tiny, llama-1b or llama-8b (refit.shapes)")
@@ -271,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                 first = time.perf_counter() - first
                 note = ""
                 try:
-                    t = timings(lambda fn=fn, bpeer=bpeer: fn(bpeer), a.baseline_repeat, device)
+                    t = timings(functools.partial(fn, bpeer), a.baseline_repeat, device)
                 except torch.cuda.OutOfMemoryError:
                     t, note = [first], "; later pushes ran out of device memory"
                 out = bpeer.stop(baseline=True)
@@ -294,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     from refit.transports.cuda_ipc import CudaIpcSender
 
     sender = CudaIpcSender.for_receivers([peer.info], timeout=600, sync=a.sync, num_buffers=a.num_buffers)
+    assert isinstance(sender, CudaIpcSender)  # for_receivers is typed as returning the base Sender
     reports: list[Any] = []
     with Refitter(sender, bucket_bytes=bucket_bytes, num_buffers=a.num_buffers, timeout=600) as r:
         times = timings(lambda: reports.append(r.push(state, scales)), a.repeat, device)
@@ -314,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if not a.no_lazy:  # producers: y = x * 1.0 (a compute kernel reading x, writing y)
             eager = timings(lambda: r.push({k: torch.mul(v, 1.0) for k, v in state.items()}, scales), a.repeat, device)
-            lazy_state = {k: Lazy(tuple(v.shape), v.dtype, lambda out, v=v: torch.mul(v, 1.0, out=out)) for k, v in state.items()}
+            lazy_state = {k: Lazy(tuple(v.shape), v.dtype, times_one(v)) for k, v in state.items()}
             lazy = timings(lambda: r.push(lazy_state, scales), a.repeat, device)
             results["lazy"] = {"eager_s": min(eager), "lazy_s": min(lazy), "saved_s": min(eager) - min(lazy)}
             rows.append(("compute, then push (eager)", min(eager), "s"))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -29,7 +30,9 @@ from refit import Refitter
 from refit.bench import sync, timings
 from refit.collect import Collector
 from refit.load import Loader
+from refit.meta import Manifest
 from refit.plan import plan
+from refit.report import RefitReport
 from refit.resolve import TensorsResolver
 from refit.scales import run_problems, run_view
 from refit.transports.base import Sender
@@ -42,24 +45,24 @@ class PackOnly(Sender):
         self.device = device
         self._bufs: list[torch.Tensor] = []
 
-    def handshake(self, manifest, version):  # type: ignore[no-untyped-def]
+    def handshake(self, manifest: Manifest, version: int) -> None:
         pass
 
-    def buffers(self, bucket_bytes, num_buffers):  # type: ignore[no-untyped-def]
+    def buffers(self, bucket_bytes: int, num_buffers: int) -> list[torch.Tensor]:
         if not self._bufs:
             self._bufs = [torch.empty(bucket_bytes, dtype=torch.uint8, device=self.device) for _ in range(num_buffers)]
         return self._bufs
 
-    def wait_reusable(self, slot):  # type: ignore[no-untyped-def]
+    def wait_reusable(self, slot: int) -> None:
         pass
 
-    def send(self, index, slot, nbytes):  # type: ignore[no-untyped-def]
+    def send(self, index: int, slot: int, nbytes: int) -> None:
         pass
 
-    def finish(self):  # type: ignore[no-untyped-def]
+    def finish(self) -> list[RefitReport]:
         return []
 
-    def abort(self, reason):  # type: ignore[no-untyped-def]
+    def abort(self, reason: str) -> None:
         pass
 
 
@@ -67,7 +70,7 @@ def median(times: list[float]) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def best(fn, repeat: int, device: torch.device) -> float:  # type: ignore[no-untyped-def]
+def best(fn: Callable[[], object], repeat: int, device: torch.device) -> float:
     """Median seconds of ``repeat`` runs after a warm-up (median: this box is noisy)."""
     return median(timings(fn, repeat, device))
 
@@ -127,7 +130,7 @@ def main() -> None:
 
     r_runs = best(unpack_runs, args.repeat, dev)
     r_each = best(unpack_each, args.repeat, dev)
-    targets = {k: torch.empty_like(v) for k, v in got.sources.items()}  # type: ignore[union-attr]
+    targets = {k: torch.empty_like(v) for k, v in got.sources.items() if isinstance(v, torch.Tensor)}  # all are tensors here
     loader = Loader(TensorsResolver(targets))
 
     def apply_all() -> None:

@@ -106,7 +106,7 @@ class BenchExtension(RefitWorkerExtension):
     def bench_zmq_bind(self) -> dict[str, Any]:
         import zmq
 
-        sock = zmq.Context.instance().socket(zmq.PAIR)
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PAIR)
         sock.setsockopt(zmq.LINGER, 0)
         port = sock.bind_to_random_port("tcp://127.0.0.1")
         self._bench_sock = sock

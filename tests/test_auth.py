@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from refit.digest import digest
 from refit.receiver import RefitReceiver
 
 SECRET = "correct horse battery staple"
-TRANSPORTS = {
+TRANSPORTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {  # receiver and sender options
     "zmq": ({}, {}),
     "cuda_ipc": ({"device": "cpu"}, {"device": "cpu"}),
     "nccl": ({"device": "cpu"}, {"device": "cpu", "backend": "gloo"}),

@@ -62,7 +62,7 @@ def refit_segments(pid: int | None = None) -> set[str]:
 def _receiver_main(conn: Any, pushes: int, address: str | None) -> None:
     """Child: serve ``pushes`` pushes; check each bit for bit against make_state(version)."""
     dst = targets()
-    opts = {"address": address} if address else {}
+    opts: dict[str, Any] = {"address": address} if address else {}
     with RefitReceiver(dst, "cuda_ipc", device="cpu", name="child", **opts) as rx:
         conn.send_bytes(msgpack.packb(rx.info()))
         bad: list[str] = []
@@ -125,6 +125,7 @@ def test_two_processes_bit_exact_every_dtype_chunked_and_scales() -> None:
     try:
         assert info["uuid"] == "" and info["pid"] == proc.pid
         sender = CudaIpcSender.for_receivers([info], timeout=60)
+        assert isinstance(sender, CudaIpcSender)  # for_receivers is typed as returning the base Sender
         assert sender.kind is Kind.SHM and sender.sync is Sync.STREAM
         with Refitter(sender, bucket_bytes=BUCKET, num_buffers=2) as r:
             for v in (1, 2, 3):
@@ -153,7 +154,13 @@ def test_hundred_pushes_leak_no_segment_and_share_handles_once() -> None:
         sender = CudaIpcSender([info], timeout=60)
         offers: list[Offer] = []
         make_offer = sender._offer
-        sender._offer = lambda i: (offers.append(decode_offer(b := make_offer(i))), b)[1]  # type: ignore[method-assign]
+
+        def recording_offer(i: int) -> bytes:
+            b = make_offer(i)
+            offers.append(decode_offer(b))
+            return b
+
+        sender._offer = recording_offer  # type: ignore[method-assign]  # spy on the offers it makes
         fds = len(os.listdir("/proc/self/fd"))
         with Refitter(sender, bucket_bytes=BUCKET, num_buffers=2) as r:
             state, scales = make_state(7)

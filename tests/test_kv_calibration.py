@@ -34,9 +34,14 @@ def model() -> torch.nn.Module:
     return m
 
 
+def attentions(m: torch.nn.Module) -> list[Attention]:
+    """Each layer's attention in layer order, typed (``m.model.layers[i].self_attn`` is not)."""
+    return [a for a in m.modules() if isinstance(a, Attention)]
+
+
 def run(m: torch.nn.Module, x: torch.Tensor) -> None:
-    for layer in m.model.layers:
-        x = layer.self_attn(x)
+    for attn in attentions(m):
+        x = attn(x)
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
@@ -47,11 +52,11 @@ def test_scales_are_the_max_over_the_batch_and_land_in_the_engine(cache_dtype: t
     with torch.no_grad():
         for x in batches:  # the reference: the same forwards, amax taken by hand
             h = x
-            for i, layer in enumerate(m.model.layers):
-                for kind, proj in (("k", layer.self_attn.k_proj), ("v", layer.self_attn.v_proj)):
+            for i, attn in enumerate(attentions(m)):
+                for kind, proj in (("k", attn.k_proj), ("v", attn.v_proj)):
                     name = f"model.layers.{i}.self_attn.{kind}_scale"
                     expected[name] = max(expected.get(name, 0.0), float(proj(h).abs().amax()))
-                h = layer.self_attn(h)
+                h = attn(h)
     with KVCalibrator(m) as cal, torch.no_grad():
         for x in batches:
             run(m, x)
@@ -77,7 +82,7 @@ def test_queries_on_request() -> None:
 def test_bad_amax_refused_with_every_name() -> None:
     m = model()
     with KVCalibrator(m) as cal, torch.no_grad():
-        m.model.layers[0].self_attn(torch.full((1, 8), float("nan")))  # layer 0: NaN; layer 1 never runs
+        attentions(m)[0](torch.full((1, 8), float("nan")))  # layer 0: NaN; layer 1 never runs
     with pytest.raises(PlanError) as err:
         cal.scales()
     msg = str(err.value)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -16,7 +18,7 @@ from tests.conftest import every_dtype_state, random_tensor, same_bits
 pytestmark = pytest.mark.unit
 
 
-def roundtrip(state: dict[str, torch.Tensor | Lazy], bucket_bytes: int, alignment: int = 256, device: str = "cpu", tail_bytes: int = 0) -> dict[str, torch.Tensor]:
+def roundtrip(state: Mapping[str, torch.Tensor | Lazy], bucket_bytes: int, alignment: int = 256, device: str = "cpu", tail_bytes: int = 0) -> dict[str, torch.Tensor]:
     """Plan, pack into buckets on ``device``, unpack and reassemble; returns the received tensors."""
     entries = [PlanEntry(n, tuple(t.shape), t.dtype) for n, t in state.items()]
     m = plan(entries, bucket_bytes=bucket_bytes, alignment=alignment, tail_bytes=tail_bytes)

@@ -11,8 +11,8 @@ allocated scales and over 0-d views of one flat buffer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import ClassVar
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -86,7 +86,9 @@ class Tracked(torch.Tensor):
     seen: ClassVar[list[object]] = []
 
     @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(
+        cls, func: Callable[..., Any], types: Iterable[type], args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
         cls.seen.append(func)
         return super().__torch_function__(func, types, args, kwargs or {})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from refit import PlanError, Refitter, ResolveError
 from refit.load import Loader
-from refit.meta import MIN_RUN, Role, find_runs
+from refit.meta import MIN_RUN, Role, TensorMeta, find_runs
 from refit.plan import PlanEntry, plan
 from refit.resolve import Placement, Resolution, TensorsResolver
 from refit.scales import run_view
@@ -88,7 +89,7 @@ def test_new_views_of_one_flat_buffer_each_push() -> None:
         assert all(float(target[n]) == float(flat[i]) for i, n in enumerate(names)), step
         flat.mul_(2)
     with pytest.raises(PlanError, match="l3.weight_scale: expected a torch.Tensor"):
-        r.push({}, {n: (1.0 if i == 3 else flat[i]) for i, n in enumerate(names)})
+        r.push({}, {n: (1.0 if i == 3 else flat[i]) for i, n in enumerate(names)})  # type: ignore[misc]  # a float on purpose
 
 
 def test_bad_value_inside_a_run_is_named() -> None:
@@ -125,7 +126,7 @@ def test_runs_with_remote_entries_fall_back_to_single_steps() -> None:
     target = {n: torch.zeros(()) for n in names[:8]}
 
     class HalfRemote(TensorsResolver):
-        def resolve(self, meta):  # type: ignore[no-untyped-def]
+        def resolve(self, meta: TensorMeta) -> Resolution:
             return super().resolve(meta) if meta.name in self.tensors else Resolution(Placement.REMOTE, key=meta.name)
 
     loader = Loader(HalfRemote(target))
@@ -225,7 +226,9 @@ def test_subclass_scales_are_read_one_by_one() -> None:
 
     class Tracked(torch.Tensor):
         @classmethod
-        def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        def __torch_function__(
+            cls, func: Callable[..., Any], types: Iterable[type], args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+        ) -> Any:
             seen.append(func)
             return super().__torch_function__(func, types, args, kwargs or {})
 

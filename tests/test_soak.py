@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from tests.procs import open_fds, rss_bytes
 pytestmark = pytest.mark.integration
 
 PUSHES, MARK = 1000, 100
-TRANSPORTS = {
+TRANSPORTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {  # receiver and sender options
     "zmq": ({}, {}),
     "cuda_ipc": ({"device": "cpu"}, {"device": "cpu"}),
     "nccl": ({"device": "cpu"}, {"device": "cpu", "backend": "gloo"}),

@@ -47,7 +47,7 @@ def _body(rank: int, port: int, results: Any) -> None:
         reference = {k: v.clone() for k, v in model.state_dict().items()} if rank == 0 else {}
         mesh = init_device_mesh("cpu", (2,))
         for i in range(shape.layers):
-            fully_shard(model.model.layers.get_submodule(str(i)), mesh=mesh)
+            fully_shard(model.get_submodule(f"model.layers.{i}"), mesh=mesh)
         fully_shard(model, mesh=mesh)
         source = Source(model)
         # KV-cache calibration: each rank sees its own batch, every rank gets the max of both
@@ -65,7 +65,7 @@ def _body(rank: int, port: int, results: Any) -> None:
             return
         out: dict[str, Any] = {
             "kv": kv,
-            "sharded": type(model.model.norm.weight).__name__,
+            "sharded": type(model.get_submodule("model.norm").weight).__name__,
             "params": len(list(model.parameters())),
             "state_bytes": sum(v.numel() * 4 for v in reference.values()),
         }

@@ -18,7 +18,7 @@ from refit.load import Loader
 from refit.receiver import RefitReceiver
 from refit.resolve import TensorsResolver
 
-TRANSPORTS = {
+TRANSPORTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {  # receiver and sender options
     "zmq": ({}, {}),
     "cuda_ipc": ({"device": "cpu"}, {"device": "cpu"}),
     "nccl": ({"device": "cpu"}, {"device": "cpu", "backend": "gloo"}),
@@ -48,9 +48,9 @@ def test_version_options_are_checked() -> None:
     loader = Loader(TensorsResolver({"a": torch.zeros(1)}))
     for bad in (0, -1, True, 1.5, 2**63):
         with pytest.raises(RefitError, match=r"first_version must be an int in \[1, 2\*\*63\)"):
-            Refitter("local", target=loader, first_version=bad)
+            Refitter("local", target=loader, first_version=bad)  # type: ignore[arg-type]  # 1.5 on purpose: refused
         with pytest.raises(RefitError, match=r"version must be an int in \[1, 2\*\*63\)"):
-            Refitter("local", target=loader).push({"a": torch.ones(1)}, version=bad)
+            Refitter("local", target=loader).push({"a": torch.ones(1)}, version=bad)  # type: ignore[arg-type]  # likewise
     with pytest.raises(RefitError, match="reset_version takes an int"):
         loader.reset_version(-1)
 

@@ -3,6 +3,8 @@ input the loaders' copies read, on meta tensors as in the probe."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from refit.adapters.vllm_reads import CopyTrace, Reads, bounding_shape, covered
 pytestmark = pytest.mark.unit
 
 
-def trace(shape: tuple[int, ...], loader) -> Reads:  # type: ignore[no-untyped-def]
+def trace(shape: tuple[int, ...], loader: Callable[[torch.Tensor], object]) -> Reads:
     """Run ``loader(source)`` (which copies parts of ``source`` into meta targets) under the trace."""
     source = torch.empty(shape, device="meta")
     reads = Reads()

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.unit
 def worker(target: dict[str, torch.Tensor], rank: int = 1) -> RefitWorkerExtension:
     ext = RefitWorkerExtension()
     ext.rank = rank  # type: ignore[attr-defined]
-    ext._refit_loader_obj = Loader(TensorsResolver(target), name=f"vllm-worker-{rank}")  # type: ignore[assignment]
+    ext._refit_loader_obj = Loader(TensorsResolver(target), name=f"vllm-worker-{rank}")
     return ext
 
 
@@ -48,5 +48,5 @@ def test_failed_apply_aborts_the_prepared_push() -> None:
     m = plan([PlanEntry("w", (4,), torch.float32, Role.WEIGHT)], bucket_bytes=1 << 20)
     assert ext.refit_prepare(manifest_to_wire(m), 1) == {}
     reply: dict[str, Any] = ext.refit_apply([b"\x00"])  # one byte: not the bucket the manifest announced
-    assert "error" in reply and not ext._refit_loader_obj.active  # type: ignore[attr-defined]
+    assert "error" in reply and not ext._refit_loader_obj.active
     assert torch.equal(target["w"], torch.zeros(4))

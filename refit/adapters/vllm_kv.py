@@ -20,8 +20,8 @@ from __future__ import annotations
 import re
 
 import torch
-from vllm.model_executor.model_loader.weight_utils import maybe_remap_kv_scale_name
 
+from refit.adapters.vllm_private import maybe_remap_kv_scale_name
 from refit.resolve import Placement, Resolution
 
 KV_SCALE_SUFFIXES = (".k_scale", ".v_scale", ".q_scale", ".kv_scale", ".k_cache.scale", ".v_cache.scale")

@@ -15,8 +15,8 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
-from vllm.model_executor.layers.linear import LinearBase
 
+from refit.adapters.vllm_private import LinearBase
 from refit.adapters.vllm_reads import bounding_shape, covered
 from refit.adapters.vllm_shadow import Probe, Shadow
 

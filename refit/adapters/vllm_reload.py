@@ -35,12 +35,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
-from vllm.model_executor.model_loader import reload as vllm_reload
-from vllm.model_executor.model_loader.reload import layerwise
+from vllm.model_executor.layers.fused_moe import UnquantizedFusedMoEMethod
+from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
 
 from refit.adapters.vllm_kv import sync_scale_copies
+from refit.adapters.vllm_private import LOADING_LAYERS, place_kernel_tensors
 
 
 class LayerwiseReload:
@@ -70,7 +70,7 @@ class LayerwiseReload:
             if isinstance(qm, UnquantizedFusedMoEMethod) and qm.moe_kernel is not None:
                 self._moe_kernels[id(qm)] = (qm, qm.moe_kernel)
                 qm.moe_kernel = None  # so a reloaded layer takes the first-load path (see module doc)
-        vllm_reload.initialize_layerwise_reload(self.model)
+        initialize_layerwise_reload(self.model)
         self.active = True
 
     def finish(self) -> None:
@@ -84,7 +84,7 @@ class LayerwiseReload:
             if info.can_load() and info.load_numel <= 0 and qual not in self.touched:
                 info.load_numel_total = 0  # not a failure: this push did not carry the layer
         try:
-            vllm_reload.finalize_layerwise_reload(self.model, self.model_config)
+            finalize_layerwise_reload(self.model, self.model_config)
         except BaseException:
             self._put_back()
             raise
@@ -111,10 +111,10 @@ class LayerwiseReload:
             if not info.can_load():
                 continue
             if info.kernel_tensors is not None:
-                layerwise._place_kernel_tensors(mod, info)
+                place_kernel_tensors(mod, info)
             info.reset()
             sync_scale_copies(mod)
-        layerwise.LOADING_LAYERS.clear()
+        LOADING_LAYERS.clear()
 
     def _restore_moe_kernels(self) -> None:
         for qm, kernel in self._moe_kernels.values():

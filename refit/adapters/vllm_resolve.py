@@ -43,12 +43,11 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
-from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.attention import is_deferred_attention_layer
-from vllm.model_executor.models.utils import PPMissingLayer, StageMissingLayer, get_pp_missing_layer_names
 
 from refit.adapters.vllm_kv import KV_SCALE_SUFFIXES, AmaxBuffers, KvBuffers, is_amax_name
 from refit.adapters.vllm_load import BucketLoads
+from refit.adapters.vllm_private import PPMissingLayer, StageMissingLayer, get_pp_missing_layer_names, get_tensor_model_parallel_world_size
 from refit.adapters.vllm_probe import Prober
 from refit.adapters.vllm_reload import LayerwiseReload
 from refit.adapters.vllm_shadow import Hit, Probe, Shadow

@@ -18,10 +18,9 @@ from typing import Any
 
 import torch
 from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
-from vllm.model_executor.model_loader.reload.meta import SKIP_LOAD_TENSORS
 from vllm.model_executor.model_loader.reload.sanitize import restore_layer_refs
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
+from refit.adapters.vllm_private import SKIP_LOAD_TENSORS, default_weight_loader
 from refit.adapters.vllm_reads import CopyTrace, Reads
 
 
@@ -36,6 +35,7 @@ class Hit:
 
     @property
     def key(self) -> str:
+        """``module.attr``, with ``[shard]`` when the loader was called with shard or expert ids."""
         return f"{self.module}.{self.attr}" + (f"[{self.shard}]" if self.shard else "")
 
 

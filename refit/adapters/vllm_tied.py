@@ -1,5 +1,5 @@
 """Tied embeddings (``tie_word_embeddings``): vLLM keeps one parameter for the input and the
-output embedding, so every form of push is served as pushed:
+output embedding, so every form of push is served as pushed.
 
 * the input embedding alone: loaded; the output embedding serves it (vllm_reload re-packs
   lm_head's CPU GEMM kernel afterwards);
@@ -17,8 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 
+from refit.adapters.vllm_private import ParallelLMHead, VocabParallelEmbedding
 from refit.adapters.vllm_shadow import Hit, Probe
 from refit.errors import TornStateError
 
@@ -99,4 +99,5 @@ class TiedPairs:
         load(embed, b, targets)
 
     def clear(self) -> None:
+        """Drop the stashed first halves of pairs (at the end of a push, or when it is abandoned)."""
         self._stash.clear()

@@ -133,6 +133,7 @@ def _sender_main(conn: Any, info: dict[str, Any], pushes: int, sync: str, num_bu
     errors: list[str] = []
     mem: list[dict[str, int]] = []
     sender = CudaIpcSender.for_receivers([info], timeout=120, sync=sync, num_buffers=num_buffers)
+    assert isinstance(sender, CudaIpcSender)  # for_receivers is typed as returning the base Sender
     result: dict[str, Any] = {"sync": sender.sync.value}
     with Refitter(sender, bucket_bytes=BUCKET, num_buffers=num_buffers) as r:
         for v in range(1, pushes + 1):

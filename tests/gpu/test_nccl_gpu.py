@@ -41,6 +41,7 @@ def world_of_one(timeout: float = 30.0) -> tuple[StoreServer, Any]:
     store = StoreServer("127.0.0.1", timeout)
     uid = bytes(b & 0xFF for b in nccl.get_unique_id())  # type: ignore[union-attr]
     rdv = Rendezvous(backend=Backend.NCCL, group=new_group_id(), rank=0, world=1, host="127.0.0.1", port=store.port, unique_id=uid, timeout=timeout)
+    assert store.store is not None  # set until close()
     return store, connect(rdv, store.store, 0, torch.device("cuda", torch.cuda.current_device()))
 
 

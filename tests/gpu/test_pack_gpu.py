@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def test_every_dtype_roundtrips_on_cuda(gen: torch.Generator) -> None:
     state = every_dtype_state(gen, device="cuda")
-    got = roundtrip(state, 1024, device="cuda")  # type: ignore[arg-type]
+    got = roundtrip(state, 1024, device="cuda")
     for k, v in state.items():
         assert got[k].is_cuda and same_bits(got[k], v), k
 
@@ -43,7 +43,8 @@ def test_local_push_on_cuda_with_scales_and_lazy(gen: torch.Generator) -> None:
     target["lz"] = torch.zeros(128, device="cuda")
     with Refitter("local", target=target, bucket_bytes=16384) as r:
         for _ in range(3):
-            r.push({**state, "lz": lazy}, scales)
+            pushed: dict[str, torch.Tensor | Lazy] = {**state, "lz": lazy}
+            r.push(pushed, scales)
     for k, v in {**state, **scales}.items():
         assert same_bits(target[k], v), k
     assert torch.equal(target["lz"], torch.arange(128.0, device="cuda"))

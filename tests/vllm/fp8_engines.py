@@ -11,7 +11,7 @@ CPUs with AVX-512), in the two forms a refit user meets:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -44,7 +44,7 @@ def scale_dtype(kind: str) -> torch.dtype:
     return torch.float32 if kind == "fp8_kv" else torch.bfloat16
 
 
-def kv_scales(kind: str, value: float, layers: int = QWEN2["num_hidden_layers"]) -> dict[str, torch.Tensor]:
+def kv_scales(kind: str, value: float, layers: int = cast(int, QWEN2["num_hidden_layers"])) -> dict[str, torch.Tensor]:
     return {f"model.layers.{i}.self_attn.{x}_scale": torch.tensor(value, dtype=scale_dtype(kind)) for i in range(layers) for x in "kv"}
 
 

@@ -50,11 +50,14 @@ def main() -> None:
     # consume the k/v_scale parameters into `_k_scale`), the FP8 linears' need FP8 kernels.
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.layers.attention import Attention
+    from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
 
     with set_current_vllm_config(cfg):
         for mod in model.modules():
             if isinstance(mod, Attention):
-                mod.quant_method.process_weights_after_loading(mod)
+                quant_method = mod.quant_method
+                assert isinstance(quant_method, QuantizeMethodBase)  # an attribute vLLM sets, untyped on the class
+                quant_method.process_weights_after_loading(mod)
                 mod.process_weights_after_loading(cfg.model_config.dtype)
     params_after = [n for n, _ in model.named_parameters() if n.endswith(("k_scale", "v_scale"))]
     resolver = VllmResolver(model, cfg)

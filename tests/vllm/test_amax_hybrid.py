@@ -11,6 +11,8 @@ K/V quantizers sit on the inner ``attn``), never by suffix matching.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 import torch
 
@@ -29,6 +31,12 @@ def _quantizer(value: float) -> torch.nn.Module:
     return q
 
 
+class _Root(torch.nn.Module):
+    """A vLLM model's root: its class carries ``packed_modules_mapping``."""
+
+    packed_modules_mapping: ClassVar[dict[str, list[str]]] = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+
+
 def _nemotron_h_like() -> torch.nn.Module:
     attention = torch.nn.Module()  # layer 1: attention mixer
     attention.attn = torch.nn.Module()
@@ -39,10 +47,9 @@ def _nemotron_h_like() -> torch.nn.Module:
     mamba.in_proj = torch.nn.Linear(2, 2)
     layers = torch.nn.ModuleList([torch.nn.Module(), torch.nn.Module()])
     layers[0].mixer, layers[1].mixer = mamba, attention
-    root = torch.nn.Module()
+    root = _Root()
     root.model = torch.nn.Module()
     root.model.layers = layers
-    root.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
     return root
 
 
@@ -66,7 +73,8 @@ def test_hybrid_root_amax_resolves_through_the_mapper(hf: str, key: str | None) 
         assert res is None and "model.layers." in buffers.missing(hf, mapped)
         return
     assert res is not None and (res.placement, res.key, res.problem) == (Placement.LOCAL, key, "")
-    res.load(torch.tensor(2.5, dtype=torch.bfloat16))  # type: ignore[misc]
+    assert res.load is not None  # a LOCAL entry loads through its callable
+    res.load(torch.tensor(2.5, dtype=torch.bfloat16))
     buffers.write()
     target = key.partition("[")[0].rpartition(".")[0]
-    assert model.get_submodule(target)._amax.item() == 2.5
+    assert model.get_buffer(f"{target}._amax").item() == 2.5

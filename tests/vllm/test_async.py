@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -16,27 +18,34 @@ pytestmark = pytest.mark.integration
 from refit import Refitter  # noqa: E402
 from refit.demos.tiny_vllm import PROMPTS, engine_kwargs, greedy_params, hf_greedy, hf_state, write_config  # noqa: E402
 
+if TYPE_CHECKING:
+    from vllm.outputs import RequestOutput
+    from vllm.v1.engine.async_llm import AsyncLLM
 
-async def _start(model_dir: str):  # type: ignore[no-untyped-def]
+Served = tuple["AsyncLLM", asyncio.AbstractEventLoop, str]  # the engine, the loop it runs on, its model dir
+
+
+async def _start(model_dir: str) -> AsyncLLM:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model_dir)))
 
 
-async def _greedy(engine) -> list[list[int]]:  # type: ignore[no-untyped-def]
+async def _greedy(engine: AsyncLLM) -> list[list[int]]:
     params = greedy_params()
     out = []
     for p in PROMPTS:
-        final = None
+        final: RequestOutput | None = None
         async for o in engine.generate({"prompt_token_ids": p}, params, request_id=str(uuid.uuid4())):
             final = o
+        assert final is not None  # generate yields at least the finished output
         out.append(list(final.outputs[0].token_ids))
     return out
 
 
 @pytest.fixture(scope="module")
-def async_engine(tmp_path_factory):  # type: ignore[no-untyped-def]
+def async_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -50,7 +59,7 @@ def async_engine(tmp_path_factory):  # type: ignore[no-untyped-def]
         thread.join(30)
 
 
-def test_async_engine_push_matches_hf(async_engine) -> None:  # type: ignore[no-untyped-def]
+def test_async_engine_push_matches_hf(async_engine: Served) -> None:
     from refit.adapters.vllm import AsyncVllmEngine
 
     engine, loop, model_dir = async_engine
@@ -62,7 +71,7 @@ def test_async_engine_push_matches_hf(async_engine) -> None:  # type: ignore[no-
     assert asyncio.run_coroutine_threadsafe(_greedy(engine), loop).result(120) == hf_greedy(hf)
 
 
-def test_pushing_from_the_engine_loop_is_refused(async_engine) -> None:  # type: ignore[no-untyped-def]
+def test_pushing_from_the_engine_loop_is_refused(async_engine: Served) -> None:
     from refit.adapters.vllm import AsyncVllmEngine
     from refit.errors import RefitError
 
@@ -79,7 +88,7 @@ def test_pushing_from_the_engine_loop_is_refused(async_engine) -> None:  # type:
     assert "another thread" in asyncio.run_coroutine_threadsafe(from_loop(), loop).result(30)
 
 
-def test_async_engine_apply_inside_rpcs(async_engine) -> None:  # type: ignore[no-untyped-def]
+def test_async_engine_apply_inside_rpcs(async_engine: Served) -> None:
     """``apply`` (the RPC-only push) goes through the async engine's own rpc."""
     from refit.adapters.vllm import AsyncVllmEngine
 
@@ -101,14 +110,14 @@ def _documented_async_example() -> str:
     return blocks[0]
 
 
-def test_documented_async_example_runs_as_written(async_engine) -> None:  # type: ignore[no-untyped-def]
+def test_documented_async_example_runs_as_written(async_engine: Served) -> None:
     """The docs' lines run inside a coroutine on the engine's loop, with ``engine``, ``state``
     and ``scales`` defined, as a user would paste them."""
     engine, loop, model_dir = async_engine
     hf, state = hf_state(model_dir, seed=13)
     scales = {"model.layers.1.self_attn.v_scale": torch.tensor(0.5)}
     body = "".join(f"    {line}\n" for line in _documented_async_example().splitlines())
-    namespace: dict = {"Refitter": Refitter}
+    namespace: dict[str, Any] = {"Refitter": Refitter}
     exec(f"import asyncio\nasync def example(engine, state, scales):\n{body}    return report\n", namespace)
     report = asyncio.run_coroutine_threadsafe(namespace["example"](engine, state, scales), loop).result(300)
     assert [r.loaded for r in report.receivers] == [len(state) + 1]

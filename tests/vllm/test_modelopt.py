@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -73,7 +73,7 @@ def quantized(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
 
 def test_modelopt_installs_the_quantizers_refit_resolves(quantized: dict[str, Any]) -> None:
     names = set(quantized["amax"])
-    for i in range(QWEN2["num_hidden_layers"]):
+    for i in range(cast(int, QWEN2["num_hidden_layers"])):
         for q in ("self_attn.attn.k_bmm_quantizer", "self_attn.attn.v_bmm_quantizer", "self_attn.qkv_proj.input_quantizer", "mlp.down_proj.input_quantizer"):
             assert f"model.layers.{i}.{q}._amax" in names
     assert not any("weight_quantizer" in n for n in names)  # CPU: prepacked weights, nothing calibrated
