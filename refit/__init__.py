@@ -7,7 +7,7 @@ refit needs only torch and msgpack.
 """
 
 from refit.api import Refitter
-from refit.errors import PlanError, RefitError, ResolveError, TornStateError, TransportError, WireError
+from refit.errors import IntegrityError, PlanError, RefitError, ResolveError, TornStateError, TransportError, WireError
 from refit.meta import Manifest, Role, TensorMeta
 from refit.pack import Lazy
 from refit.report import RefitReport
@@ -15,6 +15,7 @@ from refit.report import RefitReport
 __version__ = "0.1.0"
 
 __all__ = [
+    "IntegrityError",
     "Lazy",
     "Manifest",
     "PlanError",

@@ -12,6 +12,7 @@ import torch
 
 from refit.collect import Collector, StateLike
 from refit.errors import PlanError, RefitError
+from refit.integrity import check_checksum_option, pick
 from refit.meta import Manifest
 from refit.options import check_options, check_timeout
 from refit.pack import Lazy
@@ -20,6 +21,7 @@ from refit.report import RefitReport
 from refit.send import stream
 from refit.transports import load_transport
 from refit.transports.base import EngineHandle, Progress, Sender
+from refit.verify import VerifyResult, compare, sender_fingerprints
 
 
 class Refitter:
@@ -46,6 +48,13 @@ class Refitter:
             versions before its first such push and continues after the highest, so a
             restarted trainer just works. A receiver refuses a version not greater than its
             committed one (see ``RefitReceiver.reset_version``).
+        checksum: per-bucket checksums, verified by each receiver before it applies a bucket
+            (a mismatch refuses the push: :class:`~refit.IntegrityError`, see
+            docs/reliability.md): ``None`` (off, the default), ``"auto"`` (``xxh3`` for host
+            staging buffers, ``sum64`` for device ones), ``"xxh3"`` or ``"sum64"``.
+        record_digests: receivers keep a sha256 of every tensor as received, for
+            :meth:`verify` against targets that store tensors in another form (vLLM). Costs one
+            sha256 pass over every byte on each receiver.
         **options: passed to the transport (e.g. ``target=`` for local, ``peers=`` for zmq).
 
     Example:
@@ -69,6 +78,8 @@ class Refitter:
         receiver_options: Mapping[str, Any] | None = None,
         timeout: float = 120.0,
         first_version: int | None = None,
+        checksum: str | None = None,
+        record_digests: bool = False,
         **options: Any,
     ) -> None:
         check_layout_options(bucket_bytes, alignment)
@@ -80,6 +91,15 @@ class Refitter:
         if isinstance(num_buffers, bool) or not isinstance(num_buffers, int) or not 1 <= num_buffers <= 64:
             raise RefitError(f"num_buffers must be an int in [1, 64], got {num_buffers!r}")
         timeout = check_timeout(timeout, "timeout")  # type: ignore[assignment]
+        checksum = check_checksum_option(checksum)
+        if not isinstance(record_digests, bool):
+            raise RefitError(f"record_digests must be True or False, got {record_digests!r:.80}")
+        sender_class = type(transport) if isinstance(transport, Sender) else load_transport(transport).sender
+        if (checksum is not None or record_digests) and not sender_class.supports_checksum:
+            raise RefitError(
+                f"transport {sender_class.__name__} cannot carry checksums or record_digests; use local, zmq, cuda_ipc or nccl, "
+                "or pass checksum=None, record_digests=False"
+            )
         if progress is not None and not callable(progress):
             raise RefitError(f"progress must be a callable progress(buckets_done, buckets_total), got {type(progress).__name__}")
         self.engine, self.timeout = engine, timeout
@@ -102,6 +122,8 @@ class Refitter:
             self.sender = halves.sender(**options)
         self.transport = transport if isinstance(transport, str) else type(transport).__name__
         self.bucket_bytes, self.alignment, self.tail_bytes, self.num_buffers = bucket_bytes, alignment, tail_bytes, num_buffers
+        self.sender.checksum = pick(checksum, self.sender.device)
+        self.sender.record = record_digests
         self.sender.configure(bucket_bytes, num_buffers)
         self.progress = progress
         self._next_version = first_version  # None: ask the receivers before the first push
@@ -125,6 +147,11 @@ class Refitter:
         """Push ``state`` (name -> tensor or :class:`~refit.Lazy`) and ``scales`` (name -> tensor).
 
         Args:
+            state: the weights: a mapping or an iterable of ``(name, tensor)`` pairs (e.g.
+                ``model.named_parameters()``); a value may be a :class:`~refit.Lazy`.
+            scales: quantization state (weight scales, activation amax, KV-cache scales), planned
+                and checked ahead of the weights; scales and amax found in ``state`` by name are
+                treated the same way.
             version: the version the receivers commit; it must be greater than each one's
                 committed version. Default: the next of this Refitter's numbering (see
                 ``first_version``).
@@ -196,6 +223,39 @@ class Refitter:
             receivers=receivers,
         )
 
+    def verify(self, state: StateLike, scales: Mapping[str, torch.Tensor | Lazy] | None = None) -> list[VerifyResult]:
+        """Compare a sha256 fingerprint of ``state`` and ``scales`` (as for :meth:`push`) with
+        each receiver's, between pushes: a debugging aid (``refit verify``), not for every step.
+
+        Each receiver answers with the digest of every tensor it holds (``stored``), or of what
+        it received when its target stores tensors in another form (``received``: the vLLM
+        workers, recorded only for pushes made with ``record_digests=True``); see
+        :mod:`refit.verify`. With an ``engine``, each worker answers through its extension.
+
+        Returns:
+            One :class:`~refit.verify.VerifyResult` per receiver (per worker for vLLM):
+            ``ok``, and the names that differ or are missing.
+
+        Raises:
+            PlanError: invalid ``state`` or ``scales``.
+            RefitError: this transport cannot ask its receivers.
+            TransportError: a receiver did not answer in time or is busy with a push.
+        """
+        mine = sender_fingerprints(Collector()(state, scales).sources)
+        rpc = getattr(self.engine, "rpc", None)
+        if rpc is not None:  # the vLLM workers: not listening between pushes, asked through their extension
+            answers = []
+            for reply in rpc("refit_fingerprint"):
+                if "error" in reply:
+                    raise RefitError(f"verify: {reply['error'].get('worker', 'a worker')}: {reply['error'].get('message', reply['error'])}")
+                digests = {k: bytes.fromhex(v) for k, v in reply["digests"].items()}
+                answers.append(compare(mine, reply["peer"], reply["version"], reply["source"], digests))
+            return answers
+        got = self.sender.fingerprints()
+        if got is None:
+            raise RefitError(f"transport {self.transport} cannot ask its receivers for fingerprints; verify works with local, zmq, cuda_ipc and nccl")
+        return [compare(mine, f.peer, f.version, f.source, f.digests) for f in got]
+
     def _number(self) -> int:
         """The next version (consumed even if the push fails: a receiver never sees one twice)."""
         if self._next_version is None:
@@ -207,6 +267,7 @@ class Refitter:
         return v
 
     def close(self) -> None:
+        """Release the sender's sockets and buffers and close the engine handle, if any (the engines keep running)."""
         self._collect.clear()
         self.sender.close()
         if self.engine is not None:

@@ -33,6 +33,11 @@ class TransportError(RefitError):
     """A transport failed or timed out; the message names the peer, the phase and the bucket."""
 
 
+class IntegrityError(TransportError):
+    """A bucket's bytes do not match the checksum its sender computed (nothing of it was
+    applied; the message names the bucket and its tensors)."""
+
+
 class TornStateError(RefitError):
     """A push broke after some buckets were applied: the target holds mixed weights."""
 

@@ -5,20 +5,26 @@ every entry and collects *every* problem before a byte is loaded; ``apply`` copi
 local entries into their targets; ``finish`` checks that every local entry was applied exactly
 once, runs the post-load hook and commits the version. A push that breaks after its first
 applied bucket leaves the loader *torn* until a later push completes.
+
+With per-bucket checksums on (the Hello names the algorithm), ``apply`` recomputes each bucket's
+checksum and refuses a bucket whose bytes differ from the sender's before applying any of it.
+With ``record`` on, it keeps a sha256 of every local tensor it received (``fingerprint``).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from refit.apply_plan import BucketPlan, Run, Step, bucket_steps, local_keys
-from refit.errors import RefitError, ResolveError, TornStateError, WireError, problem_list
+from refit.digest import digest_header
+from refit.errors import IntegrityError, RefitError, ResolveError, TornStateError, WireError, problem_list
+from refit.integrity import Checksum, check_bucket
 from refit.meta import Manifest, TensorMeta
-from refit.pack import chunk_of, copy_many
+from refit.pack import chunk_of, copy_many, host_bytes
 from refit.report import RefitReport
 from refit.resolve import Placement, Resolution, Resolver
 
@@ -45,6 +51,10 @@ class _Push:
     remote: int = 0
     staging: dict[str, torch.Tensor] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    checksum: Checksum | None = None  # every bucket is checked with it before it is applied
+    record: bool = False  # keep a sha256 of every local tensor received
+    hashing: dict[str, Any] = field(default_factory=dict)  # a chunked tensor's sha256 in progress
+    received: dict[str, bytes] = field(default_factory=dict)  # committed into Loader at finish
 
 
 class Loader:
@@ -66,6 +76,7 @@ class Loader:
         self._prepared: _Prepared | None = None  # the last layout's resolution
         self._bucket_plans: dict[tuple[int, int, int, torch.device], BucketPlan] = {}  # for persistent buffers
         self._torn_keys: set[str] = set()  # what broken pushes may have half-written
+        self._received: dict[str, bytes] = {}  # name -> sha256 of what committed pushes delivered (record)
         #: True when no bucket handed to ``apply`` is ever written again (a fresh frame per
         #: bucket, kept alive by its views): a resolver may then keep views of it past
         #: ``apply`` instead of copying them (see ``Resolver``'s optional ``end_bucket``).
@@ -85,7 +96,7 @@ class Loader:
                 "push a complete update of those tensors before serving"
             )
 
-    def prepare(self, manifest: Manifest, version: int) -> list[str]:
+    def prepare(self, manifest: Manifest, version: int, *, checksum: str = "", record: bool = False) -> list[str]:
         """Resolve every entry; returns the sorted problems (empty: accepted, ready to apply).
 
         Nothing is written to the target here. A push in progress is abandoned (torn if it had
@@ -93,7 +104,9 @@ class Loader:
         without resolving again, unless the resolver says ``stable = False`` or
         :meth:`invalidate` was called. ``version`` must be greater than the committed
         :attr:`version` (see :meth:`reset_version`); else the push is refused, its other
-        problems listed too.
+        problems listed too. ``checksum`` (an algorithm of :mod:`refit.integrity`, ``""`` for
+        none) makes every bucket of the push carry a checksum that ``apply`` verifies;
+        ``record`` keeps a sha256 of every local tensor received (see :meth:`fingerprint`).
         """
         t0 = time.perf_counter()
         if self._push is not None:
@@ -114,7 +127,9 @@ class Loader:
             if problems:
                 self._abandon()
                 return sorted(problems)
-        self._push = _Push(version, manifest, cached.steps, t0)
+        # a target that can hash what it stores (fingerprints()) needs no record of what arrived
+        record = record and not hasattr(self.resolver, "fingerprints")
+        self._push = _Push(version, manifest, cached.steps, t0, checksum=Checksum(checksum) if checksum else None, record=record)
         self._push.seconds["resolve"] = time.perf_counter() - t0
         self._layouts[manifest.digest] = manifest
         return []
@@ -201,6 +216,7 @@ class Loader:
 
     @property
     def active(self) -> bool:
+        """True while a push is in progress (prepared and not yet finished or aborted)."""
         return self._push is not None
 
     def note(self, stage: str, seconds: float) -> None:
@@ -209,15 +225,18 @@ class Loader:
         if self._push is not None:
             self._push.seconds[stage] = self._push.seconds.get(stage, 0.0) + seconds
 
-    def apply(self, index: int, bucket: torch.Tensor, *, persistent: bool = False) -> None:
+    def apply(self, index: int, bucket: torch.Tensor, *, persistent: bool = False, checksum: bytes | None = None) -> None:
         """Apply bucket ``index`` (a 1-D uint8 tensor holding at least its bytes).
 
         Scales in the bucket are validated before anything of it is applied (scales are
         planned first, so normally before any weight). ``persistent=True`` says ``bucket`` is
         a staging buffer reused across pushes: its views and copy plan are then built once per
-        layout and kept (they hold a reference to the buffer).
+        layout and kept (they hold a reference to the buffer). ``checksum`` is the sender's
+        checksum of the bucket's bytes, required when the push was prepared with one.
 
         Raises:
+            IntegrityError: the bucket's bytes do not match ``checksum`` (nothing of it is
+                applied; the push is aborted, torn if an earlier bucket was applied).
             ResolveError: a scale in this bucket is invalid (the push is aborted; torn if an
                 earlier bucket was applied), or buckets arrive out of order.
         """
@@ -231,6 +250,15 @@ class Loader:
             raise WireError(
                 f"{self.name}: bucket {index} holds {bucket.numel()} bytes ({bucket.dtype}), the manifest says {push.manifest.bucket_sizes[index]}"
             )
+        if push.checksum is not None:  # before anything of the bucket is applied
+            t1 = time.perf_counter()
+            problem = check_bucket(
+                push.checksum, bucket[: push.manifest.bucket_sizes[index]], checksum, self.name, index, push.manifest.by_bucket[index]
+            )
+            push.seconds["checksum"] = push.seconds.get("checksum", 0.0) + time.perf_counter() - t1
+            if problem:
+                self.abort(f"bucket {index} failed its checksum")
+                raise IntegrityError(problem)
         key = (index, bucket.data_ptr(), bucket.numel(), bucket.device)
         plan = self._bucket_plans.get(key) if persistent else None
         if plan is None:
@@ -263,6 +291,8 @@ class Loader:
         end_bucket = getattr(self.resolver, "end_bucket", None)
         if end_bucket is not None:  # a resolver that batches its loads per bucket
             end_bucket(bucket, keep_views=self.buckets_stay and not persistent)
+        if push.record:
+            self._record(push, index, bucket)
         push.applied += plan.applied
         push.remote += plan.remote
         push.next_bucket += 1
@@ -291,6 +321,10 @@ class Loader:
                 self._torn_keys.difference_update(local_keys(steps))
         self.version, self._push = push.version, None
         self.torn = bool(self._torn_keys)
+        if push.record:
+            self._received.update(push.received)
+        else:  # what an unrecorded push wrote is not what was recorded before
+            self._forget(push)
         return RefitReport(
             version=push.version,
             bytes=m.total_bytes,
@@ -302,10 +336,51 @@ class Loader:
             peer=self.name,
         )
 
+    def _record(self, push: _Push, index: int, bucket: torch.Tensor) -> None:
+        """Keep the sha256 of every local tensor (chunk) of bucket ``index``, as received."""
+        host = bucket[: push.manifest.bucket_sizes[index]].cpu().contiguous()
+        data = host_bytes(host) if host.numel() else memoryview(b"")
+        for step in push.plan[index]:
+            if isinstance(step, Run):
+                metas: tuple[TensorMeta, ...] = step.metas
+            elif step.res.placement is Placement.LOCAL:
+                metas = (step.meta,)
+            else:
+                continue
+            for m in metas:
+                h = push.hashing.pop(m.name, None) or digest_header(m.dtype, m.shape)
+                h.update(data[m.offset : m.offset + m.nbytes])
+                if m.chunk == m.chunks - 1:
+                    push.received[m.name] = h.digest()
+                else:
+                    push.hashing[m.name] = h
+
+    def _forget(self, push: _Push) -> None:
+        if self._received:
+            for m in push.manifest.metas:
+                self._received.pop(m.name, None)
+
+    def fingerprint(self) -> tuple[str, dict[str, bytes]]:
+        """``(source, name -> sha256)`` of what this receiver holds, for ``refit verify``.
+
+        ``stored``: the target's tensors as they are now (a resolver with ``fingerprints()``,
+        e.g. a module or dict target). Otherwise ``received``: what committed pushes delivered,
+        recorded while applying pushes sent with ``record`` (the vLLM adapter: its stored
+        tensors are fused or repacked, so they are not compared). ``none``: neither.
+        """
+        own = getattr(self.resolver, "fingerprints", None)
+        if own is not None:
+            return "stored", own()
+        if self._received:
+            return "received", dict(self._received)
+        return "none", {}
+
     def abort(self, reason: str) -> None:
         """Abandon the push in progress. The target stays torn if anything was applied, until
         a committed push has rewritten everything the broken one touched."""
         push, self._push = self._push, None
+        if push is not None:
+            self._forget(push)  # its recorded digests would not say what the target holds now
         if push is not None and self.torn:
             for steps in push.plan[: push.next_bucket + push.partial]:  # with the bucket an error interrupted
                 self._torn_keys.update(local_keys(steps))

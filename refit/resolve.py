@@ -16,11 +16,17 @@ from typing import Protocol
 
 import torch
 
+from refit.digest import fingerprints
 from refit.errors import ResolveError
 from refit.meta import TensorMeta
 
 
 class Placement(enum.StrEnum):
+    """Where a manifest entry goes on a receiver.
+
+    ``LOCAL``: a buffer or ``load`` callable here takes it. ``REMOTE``: another pipeline stage owns it
+    (consumed, not loaded). ``UNKNOWN``: nothing here takes it; the push is refused.
+    """
     LOCAL = "local"
     REMOTE = "remote"
     UNKNOWN = "unknown"
@@ -137,6 +143,9 @@ class TensorsResolver:
         self._remote = remote
 
     def resolve(self, meta: TensorMeta) -> Resolution:
+        """LOCAL with the target tensor of ``meta.name`` (a problem if its shape or dtype differ), REMOTE for a name
+        ``remote`` claims, else UNKNOWN with the closest name as a hint.
+        """
         dest = self.tensors.get(meta.name)
         if dest is None and self._remote is not None and self._remote(meta.name):
             return Resolution(Placement.REMOTE, key=meta.name)
@@ -146,8 +155,14 @@ class TensorsResolver:
         return Resolution(Placement.LOCAL, dest=dest, key=meta.name, problem=check_compatible(meta, dest, "target"))
 
     def required_keys(self) -> set[str]:
+        """Every target name: a complete push covers them all."""
         return set(self.tensors)
 
+    def fingerprints(self) -> dict[str, bytes]:
+        """``name -> sha256`` of every target tensor as it is now (``refit verify``)."""
+        return fingerprints(self.tensors)
+
     def post_load(self) -> None:
+        """Run the ``post_load`` hook, if one was given."""
         if self._post_load is not None:
             self._post_load()

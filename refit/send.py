@@ -3,7 +3,9 @@ reused, pack the next bucket into it, hand it to the transport.
 
 The first bucket is packed into the sender's own staging buffer *before* the handshake, so the
 device copies overlap the receivers' answer; nothing reaches a receiver before it accepted the
-manifest. Runs of 0-d scales are packed with one strided copy each.
+manifest. Runs of 0-d scales are packed with one strided copy each. With checksums on
+(``sender.checksum``), each bucket's checksum is taken right after it is packed and travels with
+it (see :mod:`refit.integrity`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from refit.collect import ScaleBlocks
+from refit.integrity import bucket_checksum
 from refit.meta import Manifest, TensorMeta
 from refit.pack import Lazy, pack
 from refit.scales import run_view
@@ -42,7 +45,8 @@ def stream(
     sender.stage(manifest)
     bufs = sender.buffers(manifest.bucket_bytes, num_buffers)
     pinned = bool(bufs) and bufs[0].is_pinned()  # host staging for a GPU source: non-blocking copies
-    pack_s = wait_s = handshake_s = 0.0
+    pack_s = wait_s = handshake_s = checksum_s = 0.0
+    algorithm = sender.checksum
     materialized: dict[str, torch.Tensor] = {}
     if handshake is not None and not manifest.num_buckets:
         t0 = time.perf_counter()
@@ -75,12 +79,23 @@ def stream(
                 srcs.append(src)
         pack(bufs[slot], singles, srcs, non_blocking=pinned)
         t2 = time.perf_counter()
+        pack_s += t2 - t1
+        checksum = None
+        if algorithm is not None:
+            checksum = bucket_checksum(algorithm, bufs[slot][: manifest.bucket_sizes[index]])
+            checksum_s += time.perf_counter() - t2
+            t2 = time.perf_counter()
         if index == 0 and handshake is not None:
             handshake()
             handshake_s = time.perf_counter() - t2
-        sender.send(index, slot, manifest.bucket_sizes[index])
+        if checksum is None:
+            sender.send(index, slot, manifest.bucket_sizes[index])
+        else:
+            sender.send(index, slot, manifest.bucket_sizes[index], checksum=checksum)  # type: ignore[call-arg]
         wait_s += t1 - t0
-        pack_s += t2 - t1
         if progress is not None:
             progress(index + 1, manifest.num_buckets)
-    return {"handshake": handshake_s, "pack": pack_s, "wait": wait_s}
+    out = {"handshake": handshake_s, "pack": pack_s, "wait": wait_s}
+    if algorithm is not None:
+        out["checksum"] = checksum_s
+    return out

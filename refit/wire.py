@@ -14,134 +14,19 @@ from typing import Any
 
 import msgpack
 
-from refit.errors import PlanError, WireError
-from refit.meta import DTYPES, Manifest, Role, TensorMeta, dtype_from_name, itemsize, manifest_to_wire
-from refit.plan import MAX_NAME_LEN, MIN_ALIGNMENT
+from refit.errors import WireError
+from refit.meta import Manifest
+from refit.meta import manifest_to_wire as manifest_to_wire
 from refit.report import RefitReport
+from refit.wire_manifest import MAX_U64 as MAX_U64
+from refit.wire_manifest import check_bool, check_bytes, check_int, check_list, check_str
+from refit.wire_manifest import manifest_from_wire as manifest_from_wire
 
 MAX_MESSAGE_BYTES = 1 << 30
-MAX_DIMS = 16
-MAX_DIM = 1 << 48
 MAX_PROBLEMS = 10_000
-MAX_U64 = (1 << 63) - 1
-
-# ---------------------------------------------------------------- manifest
-
-
-def check_int(v: Any, field: str, lo: int = 0, hi: int = MAX_U64) -> int:
-    if type(v) is not int or not lo <= v <= hi:
-        raise WireError(f"field {field!r}: expected an int in [{lo}, {hi}], got {v!r:.80}")
-    return v
-
-
-def check_str(v: Any, field: str, max_len: int = MAX_NAME_LEN) -> str:
-    if type(v) is not str or len(v) > max_len:
-        raise WireError(f"field {field!r}: expected a string of at most {max_len} characters")
-    return v
-
-
-def _list(v: Any, field: str, max_len: int = MAX_U64) -> list[Any]:
-    if type(v) is not list or len(v) > max_len:
-        raise WireError(f"field {field!r}: expected a list of at most {max_len} items")
-    return v
-
-
-def check_bytes(v: Any, field: str, max_len: int) -> bytes:
-    if type(v) is not bytes or len(v) > max_len:
-        raise WireError(f"field {field!r}: expected at most {max_len} bytes")
-    return v
-
-
-def check_bool(v: Any, field: str) -> bool:
-    if type(v) is not bool:
-        raise WireError(f"field {field!r}: expected a bool, got {v!r:.80}")
-    return v
-
-
-def manifest_from_wire(d: Any) -> Manifest:
-    """Validate and decode a manifest; raises :class:`WireError` naming the bad field."""
-    if type(d) is not dict:
-        raise WireError("field 'manifest': expected a map")
-    bucket_bytes = check_int(d.get("bucket_bytes"), "manifest.bucket_bytes", 1)
-    alignment = check_int(d.get("alignment"), "manifest.alignment", 1, 1 << 30)
-    if alignment & (alignment - 1) or alignment < MIN_ALIGNMENT:
-        raise WireError(f"field 'manifest.alignment': must be a power of two >= {MIN_ALIGNMENT}")
-    raw_sizes = _list(d.get("bucket_sizes"), "manifest.bucket_sizes")
-    sizes = [check_int(s, f"manifest.bucket_sizes[{i}]", 0, bucket_bytes) for i, s in enumerate(raw_sizes)]
-    rows = _list(d.get("tensors"), "manifest.tensors")
-    metas: list[TensorMeta] = []
-    names: set[str] = set()
-    last_bucket = 0
-    pending: TensorMeta | None = None  # the previous chunk of a chunked tensor in progress
-    for i, row in enumerate(rows):
-        f = f"manifest.tensors[{i}]"
-        if type(row) is not list or len(row) != 10:
-            raise WireError(f"field {f!r}: expected a list of 10 values")
-        name = check_str(row[0], f + ".name")
-        if not name:
-            raise WireError(f"field {f + '.name'!r}: empty name")
-        try:
-            dtype = dtype_from_name(row[1])
-        except PlanError:
-            raise WireError(f"field {f + '.dtype'!r}: unknown dtype {row[1]!r:.40}; known: {sorted(DTYPES)}") from None
-        shape = tuple(check_int(x, f"{f}.shape[{j}]", 0, MAX_DIM) for j, x in enumerate(_list(row[2], f + ".shape", MAX_DIMS)))
-        try:
-            role = Role(row[3])
-        except ValueError:
-            raise WireError(f"field {f + '.role'!r}: expected one of {[r.value for r in Role]}") from None
-        bucket = check_int(row[4], f + ".bucket", 0, max(len(sizes) - 1, 0))
-        if not sizes or bucket < last_bucket:
-            raise WireError(f"field {f + '.bucket'!r}: buckets must be non-decreasing and exist")
-        last_bucket = bucket
-        offset = check_int(row[5], f + ".offset", 0, bucket_bytes)
-        nbytes = check_int(row[6], f + ".nbytes", 0, bucket_bytes)
-        chunk = check_int(row[7], f + ".chunk", 0)
-        chunks = check_int(row[8], f + ".chunks", 1)
-        start = check_int(row[9], f + ".start", 0)
-        if offset % alignment:
-            raise WireError(f"field {f + '.offset'!r}: {offset} is not aligned to {alignment}")
-        if offset + nbytes > sizes[bucket]:
-            raise WireError(f"field {f + '.nbytes'!r}: bytes [{offset}, {offset + nbytes}) exceed bucket {bucket} ({sizes[bucket]} bytes)")
-        total = math.prod(shape) * itemsize(dtype)
-        if chunk >= chunks:
-            raise WireError(f"field {f + '.chunk'!r}: chunk {chunk} of {chunks}")
-        if pending is not None:
-            expect = (pending.name, pending.chunk + 1, pending.chunks, pending.start + pending.nbytes)
-            if (name, chunk, chunks, start) != expect or (dtype, shape) != (pending.dtype, pending.shape):
-                raise WireError(f"field {f!r}: expected chunk {pending.chunk + 1} of {pending.name!r}")
-        elif chunk != 0 or start != 0:
-            raise WireError(f"field {f + '.chunk'!r}: a tensor must start with chunk 0 at byte 0")
-        else:
-            if name in names:
-                raise WireError(f"field {f + '.name'!r}: duplicate name {name!r}")
-            names.add(name)
-        if chunks == 1 and nbytes != total:
-            raise WireError(f"field {f + '.nbytes'!r}: {nbytes} != {total} bytes of shape {shape} {row[1]}")
-        if chunks > 1 and (start + nbytes > total or nbytes % itemsize(dtype)):
-            raise WireError(f"field {f + '.nbytes'!r}: chunk outside the tensor's {total} bytes")
-        meta = TensorMeta(name, dtype, shape, role, bucket, offset, nbytes, chunk, chunks, start)
-        last = chunk == chunks - 1
-        if last and chunks > 1 and start + nbytes != total:
-            raise WireError(f"field {f + '.nbytes'!r}: chunks of {name!r} cover {start + nbytes} of {total} bytes")
-        pending = None if last else meta
-        metas.append(meta)
-    if pending is not None:
-        raise WireError(f"field 'manifest.tensors': {pending.name!r} ends before its last chunk")
-    _check_no_overlap(metas)
-    return Manifest(tuple(metas), tuple(sizes), bucket_bytes, alignment)
-
-
-def _check_no_overlap(metas: list[TensorMeta]) -> None:
-    by_bucket: dict[int, list[tuple[int, int, str]]] = {}
-    for m in metas:
-        if m.nbytes:
-            by_bucket.setdefault(m.bucket, []).append((m.offset, m.offset + m.nbytes, m.name))
-    for b, spans in by_bucket.items():
-        spans.sort()
-        for (_, end, a), (start, _, c) in zip(spans, spans[1:]):
-            if start < end:
-                raise WireError(f"field 'manifest.tensors': {a!r} and {c!r} overlap in bucket {b}")
-
+MAX_CHECKSUM_BYTES = 32  # a checksum travels as its digest bytes (8 for xxh3, 16 for sum64)
+MAX_FINGERPRINTS = 1 << 20
+CHECKSUMS = ("", "xxh3", "sum64")  # "" = off (refit.integrity.Checksum names the others)
 
 # ---------------------------------------------------------------- messages
 
@@ -156,6 +41,8 @@ class Hello:
     manifest: Manifest | None
     num_buffers: int
     extra: bytes = b""  # transport-specific set-up (IPC handles, rendezvous), decoded by the transport
+    checksum: str = ""  # per-bucket checksum algorithm of this push ("" = none), see refit.integrity
+    record: bool = False  # receivers keep a sha256 of every tensor they receive (for verify)
 
 
 @dataclass(frozen=True)
@@ -167,6 +54,7 @@ class Verdict:
     need_manifest: bool
     problems: tuple[str, ...]
     peer: str
+    checksum: str = ""  # the Hello's checksum algorithm, echoed: this receiver verifies it
 
 
 @dataclass(frozen=True)
@@ -174,13 +62,15 @@ class Bucket:
     """Sender -> receiver: bucket ``index`` is ready, ``nbytes`` long.
 
     Its bytes travel beside this header (``zmq``) or already sit in shared staging buffer
-    ``slot`` (``cuda_ipc``).
+    ``slot`` (``cuda_ipc``); with ``nccl`` it only carries the checksum (the bytes are
+    broadcast). ``checksum`` is the sender's checksum of the bytes (None: checksums are off).
     """
 
     push_id: int
     index: int
     nbytes: int
     slot: int = 0
+    checksum: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -218,7 +108,7 @@ class Abort:
 class Probe:
     """Sender -> receiver, between pushes: which version have you committed? (A Refitter
     that numbers its pushes itself asks once, so a restarted trainer continues after the
-    receivers instead of starting again at 1.)"""
+    receivers instead of starting again at 1)."""
 
     push_id: int
 
@@ -233,7 +123,33 @@ class Status:
     peer: str
 
 
-Message = Hello | Verdict | Bucket | Ack | Finish | Done | Abort | Probe | Status
+@dataclass(frozen=True)
+class FingerprintRequest:
+    """Sender -> receiver, between pushes: the sha256 of every tensor you hold (``refit verify``)."""
+
+    push_id: int
+
+
+@dataclass(frozen=True)
+class Fingerprints:
+    """Receiver -> sender: the answer to a :class:`FingerprintRequest`.
+
+    ``digests`` maps a tensor name to the 32-byte sha256 of its dtype, shape and bytes
+    (:func:`refit.digest.tensor_digest`). ``source`` says what was hashed: ``stored`` (the
+    target's tensors as they are now), ``received`` (what the last pushes delivered, recorded
+    while applying, for targets that store tensors in another form) or ``none``.
+    """
+
+    push_id: int
+    version: int
+    source: str
+    digests: dict[str, bytes]
+    peer: str
+
+
+FINGERPRINT_SOURCES = ("stored", "received", "none")
+
+Message = Hello | Verdict | Bucket | Ack | Finish | Done | Abort | Probe | Status | FingerprintRequest | Fingerprints
 
 
 def encode(msg: Message) -> bytes:
@@ -249,6 +165,10 @@ def encode(msg: Message) -> bytes:
             "num_buffers": msg.num_buffers,
             "extra": msg.extra,
         }
+        if msg.checksum:  # absent when off: the wire of a push without checksums is unchanged
+            d["checksum"] = msg.checksum
+        if msg.record:
+            d["record"] = True
     elif isinstance(msg, Verdict):
         d = {
             "type": "verdict",
@@ -258,8 +178,12 @@ def encode(msg: Message) -> bytes:
             "problems": list(msg.problems),
             "peer": msg.peer,
         }
+        if msg.checksum:
+            d["checksum"] = msg.checksum
     elif isinstance(msg, Bucket):
         d = {"type": "bucket", "push_id": msg.push_id, "index": msg.index, "nbytes": msg.nbytes, "slot": msg.slot}
+        if msg.checksum is not None:
+            d["checksum"] = msg.checksum
     elif isinstance(msg, Ack):
         d = {"type": "ack", "push_id": msg.push_id, "index": msg.index}
     elif isinstance(msg, Finish):
@@ -272,6 +196,10 @@ def encode(msg: Message) -> bytes:
         d = {"type": "probe", "push_id": msg.push_id}
     elif isinstance(msg, Status):
         d = {"type": "status", "push_id": msg.push_id, "version": msg.version, "torn": msg.torn, "peer": msg.peer}
+    elif isinstance(msg, FingerprintRequest):
+        d = {"type": "fingerprint", "push_id": msg.push_id}
+    elif isinstance(msg, Fingerprints):
+        d = {"type": "fingerprints", "push_id": msg.push_id, "version": msg.version, "source": msg.source, "digests": msg.digests, "peer": msg.peer}
     else:
         raise WireError(f"cannot encode {type(msg).__name__}")
     return msgpack.packb(d, use_bin_type=True)
@@ -299,6 +227,28 @@ def report_from_wire(d: Any) -> RefitReport:
         remote=check_int(d.get("remote"), "report.remote"),
         peer=check_str(d.get("peer"), "report.peer", 256),
     )
+
+
+def _checksum_name(v: Any) -> str:
+    if v not in CHECKSUMS or type(v) is not str:
+        raise WireError(f"field 'checksum': unknown checksum algorithm {v!r:.40}; known: {[c for c in CHECKSUMS if c]} (upgrade refit on this side?)")
+    return v
+
+
+def _checksum_bytes(v: Any) -> bytes:
+    if type(v) is not bytes or not 1 <= len(v) <= MAX_CHECKSUM_BYTES:
+        raise WireError(f"field 'checksum': expected 1 to {MAX_CHECKSUM_BYTES} bytes, got {v!r:.40}")
+    return v
+
+
+def _digests(v: Any) -> dict[str, bytes]:
+    if type(v) is not dict or len(v) > MAX_FINGERPRINTS:
+        raise WireError(f"field 'digests': expected a map of at most {MAX_FINGERPRINTS} names")
+    for k, x in v.items():
+        check_str(k, "digests.name")
+        if type(x) is not bytes or len(x) != 32:
+            raise WireError(f"field 'digests[{k!r:.80}]': expected a 32-byte sha256")
+    return v
 
 
 def peek_push_id(data: bytes | bytearray | memoryview) -> int:
@@ -338,18 +288,28 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
             manifest=None if raw_manifest is None else manifest_from_wire(raw_manifest),
             num_buffers=check_int(d.get("num_buffers"), "num_buffers", 1, 64),
             extra=check_bytes(d.get("extra", b""), "extra", 1 << 20),
+            checksum=_checksum_name(d.get("checksum", "")),
+            record=check_bool(d.get("record", False), "record"),
         )
     if kind == "verdict":
-        problems = _list(d.get("problems"), "problems", MAX_PROBLEMS)
+        problems = check_list(d.get("problems"), "problems", MAX_PROBLEMS)
         return Verdict(
             push_id=push_id,
             accept=check_bool(d.get("accept"), "accept"),
             need_manifest=check_bool(d.get("need_manifest"), "need_manifest"),
             problems=tuple(check_str(p, f"problems[{i}]") for i, p in enumerate(problems)),
             peer=check_str(d.get("peer"), "peer", 256),
+            checksum=_checksum_name(d.get("checksum", "")),
         )
     if kind == "bucket":
-        return Bucket(push_id, check_int(d.get("index"), "index"), check_int(d.get("nbytes"), "nbytes"), check_int(d.get("slot"), "slot", 0, 63))
+        raw_sum = d.get("checksum")
+        return Bucket(
+            push_id,
+            check_int(d.get("index"), "index"),
+            check_int(d.get("nbytes"), "nbytes"),
+            check_int(d.get("slot"), "slot", 0, 63),
+            None if raw_sum is None else _checksum_bytes(raw_sum),
+        )
     if kind == "ack":
         return Ack(push_id, check_int(d.get("index"), "index"))
     if kind == "finish":
@@ -362,4 +322,12 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
         return Probe(push_id)
     if kind == "status":
         return Status(push_id, check_int(d.get("version"), "version"), check_bool(d.get("torn"), "torn"), check_str(d.get("peer"), "peer", 256))
+    if kind == "fingerprint":
+        return FingerprintRequest(push_id)
+    if kind == "fingerprints":
+        source = d.get("source")
+        if source not in FINGERPRINT_SOURCES:
+            raise WireError(f"field 'source': expected one of {list(FINGERPRINT_SOURCES)}, got {source!r:.40}")
+        version = check_int(d.get("version"), "version")
+        return Fingerprints(push_id, version, source, _digests(d.get("digests")), check_str(d.get("peer"), "peer", 256))
     raise WireError(f"field 'type': unknown message type {kind!r:.40}")

@@ -255,12 +255,13 @@ def test_torn_until_the_broken_tensors_are_pushed_again() -> None:
 
 
 def test_chunked_tensor_needs_a_contiguous_target() -> None:
+    from refit.meta import TensorMeta
     from refit.resolve import Placement, Resolution
 
     dest = torch.zeros(64, 4).t()
 
     class Strided(TensorsResolver):
-        def resolve(self, meta):  # type: ignore[no-untyped-def]
+        def resolve(self, meta: TensorMeta) -> Resolution:
             return Resolution(Placement.LOCAL, dest=dest, key=meta.name)
 
     with pytest.raises(ResolveError, match="not contiguous"):
@@ -295,9 +296,9 @@ class _Recording(LocalSender):
         self.calls.append("handshake")
         super().handshake(manifest, version)
 
-    def send(self, index: int, slot: int, nbytes: int) -> None:
+    def send(self, index: int, slot: int, nbytes: int, checksum: bytes | None = None) -> None:
         self.calls.append(f"send {index}")
-        super().send(index, slot, nbytes)
+        super().send(index, slot, nbytes, checksum=checksum)
 
     def abort(self, reason: str) -> None:
         self.calls.append("abort")
@@ -309,8 +310,13 @@ def test_first_bucket_is_packed_before_the_handshake_and_sent_after_it() -> None
     target = {f"w{i}": torch.zeros(256) for i in range(4)}
     sender = _Recording(target)
     filled: list[int] = []
-    lazy = Lazy((256,), torch.float32, lambda out: (filled.append(len(sender.calls)), out.fill_(3.0)))
-    Refitter(sender, bucket_bytes=1024).push({"w0": lazy, **{f"w{i}": torch.ones(256) for i in range(1, 4)}})
+
+    def fill(out: torch.Tensor) -> None:
+        filled.append(len(sender.calls))
+        out.fill_(3.0)
+
+    state: dict[str, torch.Tensor | Lazy] = {"w0": Lazy((256,), torch.float32, fill), **{f"w{i}": torch.ones(256) for i in range(1, 4)}}
+    Refitter(sender, bucket_bytes=1024).push(state)
     assert sender.calls == ["stage", "handshake", "send 0", "send 1", "send 2", "send 3"]
     assert filled == [1]  # bucket 0's Lazy was filled after stage, before the handshake
     assert float(target["w0"][0]) == 3.0 and float(target["w3"][0]) == 1.0

@@ -4,6 +4,7 @@ option or tensor and the fix, raised before anything is sent or joined."""
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
 import torch
@@ -66,7 +67,7 @@ def test_a_name_of_exactly_the_limit_travels() -> None:
 
 @pytest.mark.parametrize("transport", ["zmq", "nccl", "cuda_ipc"])
 def test_peers_in_any_accepted_form_or_a_clear_error(transport: str) -> None:
-    opts = {"device": "cpu"} if transport != "zmq" else {}
+    opts: dict[str, Any] = {"device": "cpu"} if transport != "zmq" else {}
     for bad in ([{"nope": 1}], [3], 5):
         with pytest.raises(TransportError, match="each peer is a receiver's address or its info|peers must be a list"):
             Refitter(transport, peers=bad, **opts)

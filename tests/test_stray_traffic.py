@@ -9,6 +9,7 @@ import os
 import pickle
 import threading
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -28,7 +29,7 @@ JUNK = [
     [b""],
 ]
 
-TRANSPORTS = {
+TRANSPORTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {  # receiver and sender options
     "zmq": ({}, {}),
     "cuda_ipc": ({"device": "cpu"}, {"device": "cpu"}),
     "nccl": ({"device": "cpu"}, {"device": "cpu", "backend": "gloo"}),
@@ -67,7 +68,7 @@ def test_stray_traffic_neither_ends_nor_disturbs_a_push(transport: str, tmp_path
     # progress (nccl reads its control socket only between pushes) is such an attempt
     t = threading.Thread(target=rx.serve, kwargs={"max_pushes": 2, "poll": 0.2}, daemon=True)
     t.start()
-    stray = zmq.Context.instance().socket(zmq.DEALER)
+    stray: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     stray.setsockopt(zmq.LINGER, 0)
     stray.connect(address)
     for frames in junk:  # while the receiver waits for a push

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import msgpack
 import pytest
 import torch
@@ -12,7 +15,7 @@ from refit.errors import WireError
 from refit.meta import Role
 from refit.plan import PlanEntry, plan
 from refit.report import RefitReport
-from refit.wire import Abort, Ack, Bucket, Done, Finish, Hello, Probe, Status, Verdict, decode, encode, manifest_to_wire
+from refit.wire import Abort, Ack, Bucket, Done, Finish, Hello, Message, Probe, Status, Verdict, decode, encode, manifest_to_wire
 
 pytestmark = pytest.mark.unit
 
@@ -26,7 +29,7 @@ MANIFEST = plan(
     bucket_bytes=2048,
 )
 
-MESSAGES = [
+MESSAGES: list[Message] = [
     Hello(7, 3, MANIFEST.digest, MANIFEST, 2, b"xx"),
     Hello(7, 3, MANIFEST.digest, None, 2),
     Verdict(7, False, False, ("a: unknown", "b: shape"), "rx0"),
@@ -41,8 +44,8 @@ MESSAGES = [
 
 
 @pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
-def test_roundtrip(msg: object) -> None:
-    got = decode(encode(msg))  # type: ignore[arg-type]
+def test_roundtrip(msg: Message) -> None:
+    got = decode(encode(msg))
     assert type(got) is type(msg)
     if isinstance(msg, Hello) and msg.manifest is not None:
         assert isinstance(got, Hello) and got.manifest is not None
@@ -51,7 +54,7 @@ def test_roundtrip(msg: object) -> None:
         assert got == msg
 
 
-def _hello_with(mutate) -> bytes:  # type: ignore[no-untyped-def]
+def _hello_with(mutate: Callable[[dict[str, Any]], object]) -> bytes:
     d = {"type": "hello", "push_id": 1, "version": 1, "digest": "x", "num_buffers": 2, "manifest": manifest_to_wire(MANIFEST)}
     mutate(d)
     return msgpack.packb(d, use_bin_type=True)
@@ -75,7 +78,7 @@ def _hello_with(mutate) -> bytes:  # type: ignore[no-untyped-def]
         (lambda d: d.update(type="bogus"), "type"),
     ],
 )
-def test_validation_names_the_field(mutate, field: str) -> None:  # type: ignore[no-untyped-def]
+def test_validation_names_the_field(mutate: Callable[[dict[str, Any]], object], field: str) -> None:
     with pytest.raises(WireError, match=field):
         decode(_hello_with(mutate))
 
@@ -88,7 +91,7 @@ def test_validation_names_the_field(mutate, field: str) -> None:  # type: ignore
         ({"version": 3, "torn": False}, "peer"),
     ],
 )
-def test_status_validation_names_the_field(fields: dict, field: str) -> None:  # type: ignore[type-arg]
+def test_status_validation_names_the_field(fields: dict[str, Any], field: str) -> None:
     with pytest.raises(WireError, match=field):
         decode(msgpack.packb({"type": "status", "push_id": 1, **fields}, use_bin_type=True))
 
@@ -160,7 +163,7 @@ _values = st.recursive(
         _values,
     ),
 )
-def test_fuzz_structured_messages(kind: str, fields: dict) -> None:  # type: ignore[type-arg]
+def test_fuzz_structured_messages(kind: str, fields: dict[str, Any]) -> None:
     try:
         decode(msgpack.packb({"type": kind, **fields}, use_bin_type=True))
     except WireError:

@@ -194,7 +194,7 @@ def _slow_sender(address: str, out: Any) -> None:
 
 def test_sender_killed_mid_stream_leaves_receiver_torn() -> None:
     spec = {f"w{i}": ((1024,), "float32") for i in range(5)}
-    with receivers(spec, timeout=3, pushes=2) as [rx]:
+    with receivers(spec, timeout=8, pushes=2) as [rx]:
         out = CTX.Queue()
         sender = CTX.Process(target=_slow_sender, args=(rx.info["address"], out), daemon=True)
         sender.start()
@@ -205,7 +205,7 @@ def test_sender_killed_mid_stream_leaves_receiver_torn() -> None:
         t0 = time.monotonic()
         kind, name, text, torn, version = rx.get("error", timeout=30)
         assert name == "TransportError" and "went silent" in text and "phase buckets" in text
-        assert torn and version == 0 and time.monotonic() - t0 < 10
+        assert torn and version == 0 and time.monotonic() - t0 < 12
         # the receiver keeps serving: a complete push clears the torn state
         state = {f"w{i}": torch.full((1024,), 2.0) for i in range(5)}
         with Refitter("zmq", peers=[rx.info["address"]], bucket_bytes=4096, timeout=20) as r:
@@ -262,7 +262,7 @@ def test_garbage_is_answered_and_dropped_and_the_receiver_keeps_waiting() -> Non
 
     spec = {"w": ((8,), "float32")}
     with receivers(spec, pushes=1) as [rx]:
-        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(rx.info["address"])
         for junk, why in (
@@ -298,8 +298,9 @@ def test_serve_bounds_pushes_by_push_timeout_not_poll() -> None:
         time.sleep(1.0)
         out.fill_(2.0)
 
+    state: dict[str, torch.Tensor | Lazy] = {"a": torch.ones(1024), "b": Lazy((1024,), torch.float32, slow)}
     with Refitter("zmq", peers=[rx.info()["address"]], bucket_bytes=4096, timeout=20) as r:
-        r.push({"a": torch.ones(1024), "b": Lazy((1024,), torch.float32, slow)})
+        r.push(state)
     t.join(30)
     rx.close()
     assert rx.last_error is None and not rx.torn
@@ -339,7 +340,7 @@ def test_stale_abort_does_not_end_the_next_wait_and_bad_hello_is_answered() -> N
     waiter.join(10)
     assert got == [None] and time.monotonic() - t0 >= 1.4  # waited the whole time
     # a Hello that fails validation is answered with its own push id, so its sender hears why
-    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(rx.info()["address"])
     sock.send(msgpack.packb({"type": "hello", "push_id": 77, "version": -1, "digest": "x", "manifest": None, "num_buffers": 2}))

@@ -150,6 +150,7 @@ class RefitWorkerExtension:
 
     @_replies
     def refit_close(self) -> dict[str, Any]:
+        """Close this worker's receiver, if one is open (idempotent)."""
         rx = getattr(self, "_refit_rx", None)
         self._refit_rx = None  # type: ignore[assignment]
         if rx is not None:
@@ -199,12 +200,21 @@ class RefitWorkerExtension:
         return {"digest": digest(items), "tensors": len(items)}
 
     @_replies
+    def refit_fingerprint(self) -> dict[str, Any]:
+        """Per-tensor sha256 (hex) for ``Refitter.verify``, by pushed name: of what this worker
+        received, recorded while applying pushes sent with ``record_digests=True`` (its stored
+        tensors are fused or repacked, so they are not what was pushed; see refit/verify.py)."""
+        loader = self._refit_loader()
+        source, digests = loader.fingerprint()
+        return {"peer": loader.name, "version": loader.version, "source": source, "digests": {k: v.hex() for k, v in digests.items()}}
+
+    @_replies
     def refit_fix_pp(self) -> dict[str, Any]:
         """CPU workaround: with ``enforce_eager`` a non-first PP stage never allocates its
         intermediate tensors (see docs/vllm.md). Harmless on other ranks."""
         mr = self.model_runner  # type: ignore[attr-defined]
         if getattr(mr, "intermediate_tensors", None) is None and hasattr(mr.model, "make_empty_intermediate_tensors"):
-            from vllm.distributed.parallel_state import get_pp_group
+            from refit.adapters.vllm_private import get_pp_group
 
             if not get_pp_group().is_first_rank:
                 mr.intermediate_tensors = mr.model.make_empty_intermediate_tensors(

@@ -16,9 +16,11 @@ from typing import Any, Protocol
 
 import torch
 
+from refit.integrity import Checksum
 from refit.load import Loader
 from refit.meta import Manifest
 from refit.report import RefitReport
+from refit.wire import Fingerprints
 
 Progress = Callable[[int, int], None]
 
@@ -31,6 +33,13 @@ class Sender(ABC):
     #: seconds of the transport's own stages in the last push, added to its report. Never
     #: written here: a transport that measures some assigns its own dict (reset by handshake).
     stages: dict[str, float] = {}  # noqa: RUF012
+    #: True for transports that carry per-bucket checksums and the ``record`` flag to their
+    #: receivers (``send`` takes ``checksum=``); a Refitter refuses ``checksum=`` otherwise.
+    supports_checksum: bool = False
+    #: the checksum algorithm of every push (None: off) and whether receivers record what they
+    #: receive; set by the Refitter before the first push, announced in each handshake.
+    checksum: Checksum | None = None
+    record: bool = False
 
     def configure(self, bucket_bytes: int, num_buffers: int) -> None:
         """The push options, told once before the first handshake (transports that share their
@@ -79,7 +88,20 @@ class Sender(ABC):
 
     @abstractmethod
     def send(self, index: int, slot: int, nbytes: int) -> None:
-        """Bucket ``index`` is packed in buffer ``slot`` (first ``nbytes`` bytes); send it."""
+        """Bucket ``index`` is packed in buffer ``slot`` (first ``nbytes`` bytes); send it.
+
+        A sender with ``supports_checksum`` also takes ``checksum=`` (the bucket's checksum,
+        given when :attr:`checksum` is set) and delivers it with the bucket.
+        """
+
+    def fingerprints(self) -> list[Fingerprints] | None:
+        """Each receiver's per-tensor sha256 (``refit verify``), asked between pushes; None if
+        this transport cannot ask.
+
+        Raises:
+            TransportError: a receiver did not answer in time or is busy with a push.
+        """
+        return None
 
     @abstractmethod
     def finish(self) -> list[RefitReport]:
@@ -138,8 +160,14 @@ class EngineHandle(Protocol):
     reports once the push completes. The vLLM adapter provides one.
     """
 
-    def open(self, transport: str, options: Mapping[str, Any]) -> list[dict[str, Any]]: ...
+    def open(self, transport: str, options: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Make every worker start a ``transport`` receiver with ``options``; each one's ``info()``."""
+        ...
 
-    def begin_receive(self, timeout: float) -> Future[list[RefitReport]]: ...
+    def begin_receive(self, timeout: float) -> Future[list[RefitReport]]:
+        """Make every worker serve one push (waiting up to ``timeout`` s for it); the future yields their reports."""
+        ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Stop the workers' receivers and release what ``open`` made."""
+        ...

@@ -184,10 +184,12 @@ class Rendezvous:
 
 
 def new_group_id() -> str:
+    """A fresh random id for a broadcast group (names its store keys and appears in errors)."""
     return secrets.token_hex(8)
 
 
 def timedelta_s(seconds: float) -> datetime.timedelta:
+    """``seconds`` as the timedelta c10d stores and process groups take."""
     return datetime.timedelta(seconds=seconds)
 
 
@@ -214,6 +216,7 @@ class StoreServer:
         sock.detach()  # the store owns the listening fd now and closes it itself
 
     def close(self) -> None:
+        """Drop this side's reference to the store (the store shuts down once no group uses it)."""
         self.store = None
 
 
@@ -256,7 +259,8 @@ class Communicator(ABC):
         """
 
     @abstractmethod
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release the group (idempotent); a broadcast in flight on it fails."""
 
     def _check_buffer(self, buf: torch.Tensor, what: str) -> None:
         """Every backend moves *bytes*: a typed buffer would be broadcast as ``numel`` bytes by
@@ -287,6 +291,7 @@ class GroupSetupFailed(TransportError):
 
 
 def group_store(store: torch.distributed.Store, group: str) -> torch.distributed.Store:
+    """The view of ``store`` that keeps ``group``'s keys apart from every other group's."""
     return torch.distributed.PrefixStore(f"refit/{group}", store)
 
 

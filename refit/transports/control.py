@@ -32,7 +32,23 @@ from refit.errors import ResolveError, TransportError, WireError, problem_list
 from refit.load import Loader
 from refit.report import RefitReport
 from refit.transports.peers import poll_ms
-from refit.wire import Abort, Ack, Bucket, Done, Finish, Hello, Message, Probe, Status, Verdict, decode, encode, peek_push_id
+from refit.wire import (
+    Abort,
+    Ack,
+    Bucket,
+    Done,
+    FingerprintRequest,
+    Fingerprints,
+    Finish,
+    Hello,
+    Message,
+    Probe,
+    Status,
+    Verdict,
+    decode,
+    encode,
+    peek_push_id,
+)
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:*"
 SETUP_FAILED = "transport set-up failed"  # how a refusal says the receiver could not join the transport
@@ -128,6 +144,7 @@ class ControlServer:
         return bound
 
     def reply(self, msg: Message) -> None:
+        """Send ``msg`` to the current sender (best effort: dropped, never raised, if the sender is gone)."""
         if self._peer is not None:
             with contextlib.suppress(zmq.ZMQError):
                 self.sock.send_multipart([self._peer, encode(msg)], flags=zmq.NOBLOCK)
@@ -203,7 +220,7 @@ class ControlServer:
             while True:
                 msg, frames, hello = self._in_push(loader, hello, in_push, f"buckets, bucket {next_bucket}")
                 if isinstance(msg, Bucket):
-                    loader.apply(msg.index, bucket_source(msg, frames), persistent=persistent)
+                    loader.apply(msg.index, bucket_source(msg, frames), persistent=persistent, checksum=msg.checksum)
                     if after_apply is not None:
                         after_apply(msg)
                     next_bucket = msg.index + 1
@@ -247,8 +264,26 @@ class ControlServer:
                     raise
             if isinstance(msg, Probe):  # a sender numbering its pushes asks where we are
                 self.reply(Status(msg.push_id, loader.version, loader.torn, self.name))
+            elif isinstance(msg, FingerprintRequest):  # refit verify
+                self._answer_fingerprint(loader, msg)
             elif not isinstance(msg, Abort):
                 self.reply(Abort(msg.push_id, f"{self.name}: no push in progress"))
+
+    def _answer_fingerprint(self, loader: Loader, msg: FingerprintRequest) -> None:
+        try:
+            source, digests = loader.fingerprint()
+            answer: Message = Fingerprints(msg.push_id, loader.version, source, digests, self.name)
+        except Exception as exc:  # e.g. a target tensor of a dtype that cannot travel: say so, keep serving
+            answer = Abort(msg.push_id, f"{self.name}: cannot fingerprint its tensors: {type(exc).__name__}: {exc}"[:1000])
+        self.reply(answer)
+
+    def bucket_header(self, loader: Loader, hello: Hello, timeout: float | None, index: int) -> Bucket:
+        """The next message of the push, which must be bucket ``index``'s header (for transports
+        whose bytes travel otherwise but whose checksums come as ``bucket`` messages: nccl)."""
+        msg, _, _ = self._in_push(loader, hello, timeout, f"buckets, bucket {index}")
+        if not isinstance(msg, Bucket) or msg.index != index:
+            raise WireError(f"{self.name}: expected the header of bucket {index}, got {type(msg).__name__}")
+        return msg
 
     def end(self, loader: Loader, hello: Hello, timeout: float | None, *, expect_finish: bool = True) -> RefitReport:
         """Wait for Finish, commit, reply Done (after a transport's own bucket loop). With
@@ -319,13 +354,15 @@ class ControlServer:
         if manifest is None or manifest.digest != hello.digest:
             self.reply(Verdict(hello.push_id, False, False, ("manifest does not match its digest",), self.name))
             raise WireError(f"{self.name}: manifest does not match its digest")
-        problems = loader.prepare(manifest, hello.version)
-        self.reply(Verdict(hello.push_id, not problems, False, tuple(problems[:1000]), self.name))
+        problems = loader.prepare(manifest, hello.version, checksum=hello.checksum, record=hello.record)
+        # echoing the checksum says this receiver verifies it (one that predates checksums omits it)
+        self.reply(Verdict(hello.push_id, not problems, False, tuple(problems[:1000]), self.name, "" if problems else hello.checksum))
         if problems:
             raise ResolveError(f"{self.name} refused the push; nothing was loaded:\n" + problem_list(problems), problems)
         return hello
 
     def close(self) -> None:
+        """Close the socket, stop the CURVE authenticator, and end the context if this server made it."""
         self.sock.close(linger=0)
         if self._zap is not None:
             self._zap.stop()

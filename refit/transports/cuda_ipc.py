@@ -40,6 +40,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from typing_extensions import override
 
 from refit.auth import CurveAuth
 from refit.errors import RefitError, TransportError, WireError
@@ -51,7 +52,7 @@ from refit.transports.control import ControlServer, Frames
 from refit.transports.cuda_runtime import cuda_index, gpu_uuid, host_id
 from refit.transports.peers import PeerGroup, Peers, peer_infos
 from refit.transports.shared_buffers import IPC_HANDLE_BYTES, Kind, MappedBuffers, Offer, SharedBuffers, Sync, decode_offer
-from refit.wire import Bucket, Hello
+from refit.wire import Bucket, Fingerprints, Hello
 
 _GRANULE = 2 << 20  # bucket capacity is rounded up to this (the CUDA allocation granularity)
 MAX_CACHED_SETS = 4  # buffer sets a receiver keeps open (one per recent sender)
@@ -98,6 +99,8 @@ class CudaIpcSender(Sender):
         >>> with Refitter(CudaIpcSender([rx_info]), bucket_bytes=1 << 30) as r:  # doctest: +SKIP
         ...     r.push(model.state_dict(), scales)
     """
+
+    supports_checksum = True
 
     def __init__(
         self,
@@ -179,18 +182,21 @@ class CudaIpcSender(Sender):
             events=None if known or self.kind is Kind.SHM else tuple(s.event_handles()),
         ).encode()
 
+    @override
     def stage(self, manifest: Manifest) -> None:
         self._ensure_set(manifest)
 
+    @override
     def handshake(self, manifest: Manifest, version: int) -> None:
         s = self._ensure_set(manifest)  # the set stage() made, unchanged (bucket 0 is in it)
         try:
-            self.group.handshake(manifest, version, s.count, extra=self._offer)
+            self.group.handshake(manifest, version, s.count, extra=self._offer, checksum=self.checksum or "", record=self.record)
         except RefitError:
             self._offered = None  # resend handles next time (cheap, idempotent)
             raise
         self._offered = s.set_id
 
+    @override
     def configure(self, bucket_bytes: int, num_buffers: int) -> None:
         self._want = num_buffers
 
@@ -201,6 +207,7 @@ class CudaIpcSender(Sender):
             raise TransportError("cuda_ipc: buffers() before stage()")
         return self._set.tensors
 
+    @override
     def wait_reusable(self, slot: int) -> None:
         if self.group.wait_slot(slot) and self.sync is Sync.EVENT:
             # The ack of the slot's last bucket was sent after the receiver recorded its event, so
@@ -209,7 +216,8 @@ class CudaIpcSender(Sender):
             for events in self._done:
                 stream.wait_event(events[slot % len(events)])
 
-    def send(self, index: int, slot: int, nbytes: int) -> None:
+    @override
+    def send(self, index: int, slot: int, nbytes: int, checksum: bytes | None = None) -> None:
         s = self._set
         if s is None:
             raise TransportError("cuda_ipc: send() before handshake()")
@@ -217,14 +225,21 @@ class CudaIpcSender(Sender):
             s.events[slot].record(torch.cuda.current_stream(self.device))
         elif self.kind is Kind.CUDA:
             torch.cuda.current_stream(self.device).synchronize()
-        self.group.send_bucket(index, nbytes, slot)
+        self.group.send_bucket(index, nbytes, slot, checksum=checksum)
 
+    @override
     def finish(self) -> list[RefitReport]:
         return self.group.finish()
 
+    @override
     def committed_versions(self) -> list[int] | None:
         return self.group.committed_versions()
 
+    @override
+    def fingerprints(self) -> list[Fingerprints] | None:
+        return self.group.fingerprints()
+
+    @override
     def abort(self, reason: str) -> None:
         self.group.abort(reason)
 
@@ -233,6 +248,7 @@ class CudaIpcSender(Sender):
         """Bytes of shared buckets this sender holds now."""
         return 0 if self._set is None else self._set.capacity * self._set.count
 
+    @override
     def close(self) -> None:
         self.group.close()
         self._done = []
@@ -281,6 +297,7 @@ class CudaIpcReceiver(ReceiverTransport):
         self._sets: dict[int, MappedBuffers] = {}  # sender id -> its open set
         self._current: tuple[MappedBuffers, Offer] | None = None
 
+    @override
     def info(self) -> dict[str, Any]:
         return {
             "address": self.server.address,
@@ -346,12 +363,14 @@ class CudaIpcReceiver(ReceiverTransport):
         elif torch.cuda.is_initialized():  # host buckets into GPU targets: copies must have read them
             torch.cuda.synchronize()
 
+    @override
     def receive(self, loader: Loader, timeout: float | None, *, push_timeout: float | None = None) -> RefitReport | None:
         # opened once per buffer set and reused across pushes: persistent
         return self.server.receive(
             loader, timeout, self._bucket, on_hello=self._on_hello, after_apply=self._after_apply, persistent=True, push_timeout=push_timeout
         )
 
+    @override
     def close(self) -> None:
         self._current = None
         for mapped in self._sets.values():

@@ -77,4 +77,5 @@ def host_id() -> str:
 
 
 def cuda_index(device: torch.device) -> int:
+    """The index of CUDA ``device`` (the current device when it has none)."""
     return device.index if device.index is not None else torch.cuda.current_device()

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import torch
+from typing_extensions import override
 
 from refit.errors import TransportError
 from refit.transports.collective import Backend, Communicator, Handle, Rendezvous, barrier, timedelta_s
@@ -61,6 +62,7 @@ class GlooCommunicator(Communicator):
         self._opts = torch.distributed.BroadcastOptions()
         self._opts.rootRank = 0
 
+    @override
     def broadcast(self, buf: torch.Tensor, what: str) -> Handle:
         if self.pg is None:
             raise TransportError(f"{self.name} is closed (phase {what})")
@@ -70,6 +72,7 @@ class GlooCommunicator(Communicator):
         except Exception as exc:
             raise TransportError(f"{self.name}: could not start broadcast of {what}: {exc}") from None
 
+    @override
     def close(self) -> None:
         pg, self.pg = self.pg, None
         if pg is None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from typing_extensions import override
 
 from refit.errors import RefitError, ResolveError, problem_list
 from refit.load import Loader
@@ -25,6 +26,7 @@ from refit.meta import Manifest
 from refit.report import RefitReport
 from refit.resolve import Resolver, TensorsResolver
 from refit.transports.base import Sender
+from refit.wire import Fingerprints
 
 
 class LocalSender(Sender):
@@ -59,11 +61,15 @@ class LocalSender(Sender):
         self._packed: list[torch.cuda.Event] = []  # per buffer: recorded after it was packed
         self._applied: list[torch.cuda.Event] = []  # per buffer: after it was applied
 
+    supports_checksum = True
+
+    @override
     def handshake(self, manifest: Manifest, version: int) -> None:
-        problems = self.loader.prepare(manifest, version)
+        problems = self.loader.prepare(manifest, version, checksum=self.checksum or "", record=self.record)
         if problems:
             raise ResolveError("local receiver refused the push; nothing was loaded:\n" + problem_list(problems), problems)
 
+    @override
     def buffers(self, bucket_bytes: int, num_buffers: int) -> list[torch.Tensor]:
         if len(self._bufs) != num_buffers or self._bufs[0].numel() != bucket_bytes:
             self._drain()
@@ -76,22 +82,25 @@ class LocalSender(Sender):
                 self._applied = [torch.cuda.Event() for _ in self._bufs]
         return self._bufs
 
+    @override
     def wait_reusable(self, slot: int) -> None:
         if self._apply is not None:  # packing waits on the GPU until the buffer was applied
             torch.cuda.current_stream(self.device).wait_event(self._applied[slot])  # no-op before its first record
 
-    def send(self, index: int, slot: int, nbytes: int) -> None:
+    @override
+    def send(self, index: int, slot: int, nbytes: int, checksum: bytes | None = None) -> None:
         if self._apply is None:
-            self.loader.apply(index, self._bufs[slot], persistent=True)
+            self.loader.apply(index, self._bufs[slot], persistent=True, checksum=checksum)
             return
         self._packed[slot].record(torch.cuda.current_stream(self.device))
         self._apply.wait_event(self._packed[slot])
         try:
             with torch.cuda.stream(self._apply):
-                self.loader.apply(index, self._bufs[slot], persistent=True)
+                self.loader.apply(index, self._bufs[slot], persistent=True, checksum=checksum)
         finally:  # also after a refusal: copies already queued must end before the buffer is reused
             self._applied[slot].record(self._apply)
 
+    @override
     def finish(self) -> list[RefitReport]:
         if self._apply is not None:
             torch.cuda.current_stream(self.device).wait_stream(self._apply)
@@ -102,21 +111,31 @@ class LocalSender(Sender):
         if self._apply is not None:
             self._apply.synchronize()
 
+    @override
     def committed_versions(self) -> list[int] | None:
         return [self.loader.version]
 
+    @override
+    def fingerprints(self) -> list[Fingerprints] | None:
+        source, digests = self.loader.fingerprint()
+        return [Fingerprints(0, self.loader.version, source, digests, self.loader.name)]
+
+    @override
     def abort(self, reason: str) -> None:
         self.loader.abort(reason)
 
+    @override
     def close(self) -> None:
         self._drain()
         self._bufs = []
 
     @property
     def version(self) -> int:
+        """The loader's committed version (0 before the first push)."""
         return self.loader.version
 
     @property
     def torn(self) -> bool:
+        """True if a push failed after a bucket was applied: the target holds a mix of versions until the next complete push."""
         return self.loader.torn
 

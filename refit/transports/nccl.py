@@ -30,9 +30,11 @@ already guarantee); rendezvous through pickled objects or the default process gr
 
 from __future__ import annotations
 
+import socket
 import time
 
 import torch
+from typing_extensions import override
 
 from refit.auth import CurveAuth
 from refit.errors import ResolveError, TransportError
@@ -54,6 +56,7 @@ from refit.transports.collective import (
 from refit.transports.control import SETUP_FAILED
 from refit.transports.join import connect
 from refit.transports.peers import PeerGroup, Peers, peer_infos
+from refit.wire import Fingerprints
 
 GO_WORDS = 2  # int64 [push_id, go]
 
@@ -71,7 +74,27 @@ def join_group(rdv: Rendezvous, store: torch.distributed.Store, rank: int, devic
 
 
 def default_device() -> torch.device:
+    """The staging device when none is given: CUDA if available, else the CPU."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def check_host(host: str | None, what: str) -> str | None:
+    """``host`` (None passes) if peers can dial it: an IP address or a name that resolves, not
+    the unspecified ``0.0.0.0`` / ``::`` (the sender's ``host`` is what receivers dial).
+
+    Raises:
+        TransportError: naming the option and the fix.
+    """
+    if host is None:
+        return None
+    fix = "pass an address of this host the other ranks can reach (default 127.0.0.1; under Ray, the node IP)"
+    if not isinstance(host, str) or not host or host in ("0.0.0.0", "::"):
+        raise TransportError(f"nccl: {what}={host!r:.80} is not an address peers can dial; {fix}")
+    try:
+        socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError) as exc:
+        raise TransportError(f"nccl: {what}={host!r:.80} does not resolve ({exc}); {fix}") from None
+    return host
 
 
 def go_buffer(device: torch.device) -> torch.Tensor:
@@ -88,13 +111,16 @@ class NcclSender(Sender):
         backend: ``"auto"``, ``"nccl"`` or ``"gloo"``.
         device: staging buffers' device; default CUDA when available.
         host: address of this host that receivers can reach (the rendezvous store and gloo
-            sockets listen on it); default loopback.
+            sockets listen on it); default loopback. Receivers dial it, so it must be an address
+            (or resolvable name) of one interface, never ``0.0.0.0`` (TransportError).
         auth: CURVE keys (:class:`refit.auth.CurveAuth`) when the receivers require them (the control channel only: the
             rendezvous store and the broadcast are not covered).
 
     Example:
         >>> r = Refitter("nccl", peers=[rx.info()["address"] for rx in receivers])  # doctest: +SKIP
     """
+
+    supports_checksum = True
 
     def __init__(
         self,
@@ -111,7 +137,7 @@ class NcclSender(Sender):
         self.backend = choose_backend(backend, self.device)
         if self.backend is Backend.GLOO and self.device.type == "cuda" and device is None:
             self.device = torch.device("cpu")  # auto-chosen gloo: stage on the host, gloo's home
-        self.timeout, self.host = timeout, host
+        self.timeout, self.host = timeout, str(check_host(host, "host"))
         self.group = PeerGroup(addresses, timeout=timeout, auth=auth)
         self._store: StoreServer | None = None
         self._comm: Communicator | None = None
@@ -152,6 +178,7 @@ class NcclSender(Sender):
         if comm is not None:
             comm.close()
 
+    @override
     def handshake(self, manifest: Manifest, version: int) -> None:
         self.stages = {}
         self._inflight.clear()
@@ -167,7 +194,15 @@ class NcclSender(Sender):
             self._unique_id = bytes(b & 0xFF for b in nccl.get_unique_id()) if nccl is not None else b""
         rdvs = [self._rendezvous(i + 1).encode() for i in range(len(self.group.peers))]
         try:
-            self.group.handshake(manifest, version, self._num_buffers, extra=lambda i: rdvs[i], after_hello=self._join_and_send_prelude)
+            self.group.handshake(
+                manifest,
+                version,
+                self._num_buffers,
+                extra=lambda i: rdvs[i],
+                after_hello=self._join_and_send_prelude,
+                checksum=self.checksum or "",
+                record=self.record,
+            )
         except ResolveError as exc:
             # Receivers that answered their Hello are in the group and wait for the go word: a
             # no-go releases them at once. One whose set-up failed is not in the group, so the
@@ -204,12 +239,14 @@ class NcclSender(Sender):
 
     # -- stream
 
+    @override
     def buffers(self, bucket_bytes: int, num_buffers: int) -> list[torch.Tensor]:
         self._num_buffers = num_buffers
         if len(self._bufs) != num_buffers or self._bufs[0].numel() != bucket_bytes:
             self._bufs = [torch.empty(bucket_bytes, dtype=torch.uint8, device=self.device) for _ in range(num_buffers)]
         return self._bufs
 
+    @override
     def wait_reusable(self, slot: int) -> None:
         entry = self._inflight.pop(slot, None)
         if entry is not None:
@@ -224,9 +261,12 @@ class NcclSender(Sender):
     def _peer_names(self) -> str:
         return ", ".join(f"rank {i + 1}={p.address}" for i, p in enumerate(self.group.peers))
 
-    def send(self, index: int, slot: int, nbytes: int) -> None:
+    @override
+    def send(self, index: int, slot: int, nbytes: int, checksum: bytes | None = None) -> None:
         if self._comm is None:
             raise TransportError(f"nccl transport: no group to broadcast bucket {index} (was the push aborted?)")
+        if checksum is not None:  # over the control channel: read by each receiver before it applies the bucket
+            self.group.send_bucket(index, nbytes, slot, checksum=checksum, acked=False)
         if nbytes == 0:
             return  # both sides skip empty buckets (sizes come from the manifest)
         if index == 0 and self._prelude_sent:
@@ -234,6 +274,7 @@ class NcclSender(Sender):
         handle = self._comm.broadcast(self._bufs[slot][:nbytes], f"bucket {index} of {self._num_buckets}")
         self._inflight[slot] = (index, handle)
 
+    @override
     def finish(self) -> list[RefitReport]:
         try:
             t0 = time.perf_counter()
@@ -253,15 +294,22 @@ class NcclSender(Sender):
             self._drop_group()
             raise
 
+    @override
     def committed_versions(self) -> list[int] | None:
         return self.group.committed_versions()
 
+    @override
+    def fingerprints(self) -> list[Fingerprints] | None:
+        return self.group.fingerprints()
+
+    @override
     def abort(self, reason: str) -> None:
         self.group.abort(reason)
         # closing the group makes receivers blocked on a broadcast fail now (gloo) rather than
         # at their timeout; the next push builds a new group
         self._drop_group()
 
+    @override
     def close(self) -> None:
         self._drop_group()
         self.group.close()

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import torch
+from typing_extensions import override
 
 from refit.errors import TransportError
 from refit.transports.collective import Backend, Communicator, Handle, Rendezvous, barrier, cupy_nccl
@@ -83,6 +84,7 @@ class NcclCommunicator(Communicator):
         self._watchdog = threading.Thread(target=self._watch, name=f"refit-nccl-watchdog-{rdv.group}", daemon=True)
         self._watchdog.start()
 
+    @override
     def broadcast(self, buf: torch.Tensor, what: str) -> Handle:
         self.raise_if_failed(what)
         self._check_buffer(buf, what)
@@ -121,6 +123,11 @@ class NcclCommunicator(Communicator):
             self._armed = [(e, at, w, seconds) if e is done and at < d else (e, d, w, t) for e, d, w, t in self._armed]
 
     def raise_if_failed(self, what: str) -> None:
+        """Raise if the watchdog aborted the communicator (an operation ran past its timeout).
+
+        Raises:
+            TransportError: the communicator failed; ``what`` names the operation that was waiting.
+        """
         if self.failure is not None:
             raise TransportError(f"{self.name}: {self.failure} (waiting for {what}); the communicator was aborted")
 

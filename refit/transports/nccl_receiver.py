@@ -4,19 +4,21 @@ while bucket k arrives (see :mod:`refit.transports.nccl` for the protocol)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
 import torch
+from typing_extensions import override
 
 from refit.auth import CurveAuth
-from refit.errors import ResolveError, TransportError, WireError
+from refit.errors import IntegrityError, ResolveError, TransportError, WireError
 from refit.load import Loader
 from refit.report import RefitReport
 from refit.transports.base import ReceiverTransport
 from refit.transports.collective import Backend, Communicator, Handle, Rendezvous, client_store
 from refit.transports.control import DEFAULT_ADDRESS, ControlServer
-from refit.transports.nccl import go_buffer, join_group
+from refit.transports.nccl import check_host, go_buffer, join_group
 from refit.wire import Hello
 
 
@@ -40,7 +42,7 @@ class NcclReceiver(ReceiverTransport):
         device: where receive buffers live: CUDA for NCCL (default when available), CPU or CUDA
             for gloo.
         host: address this receiver's gloo sockets listen on (default: loopback when the
-            sender's is, else the default interface).
+            sender's is, else the default interface); an address or resolvable name, checked here.
         auth: CURVE keys (:class:`refit.auth.CurveAuth`): only senders holding the expected key
             are heard. Default: unauthenticated (see docs/reliability.md).
     """
@@ -55,7 +57,7 @@ class NcclReceiver(ReceiverTransport):
         auth: CurveAuth | None = None,
     ) -> None:
         self.server = ControlServer(address, name=name, auth=auth)
-        self.name, self.host = name, host
+        self.name, self.host = name, check_host(host, "host")
         self.device = torch.device(device) if device is not None else None
         self._comm: Communicator | None = None
         self._group_id = ""
@@ -65,6 +67,7 @@ class NcclReceiver(ReceiverTransport):
         self._go: torch.Tensor | None = None
         self._prelude = 0  # bytes of bucket 0 broadcast before the go word in the push offered
 
+    @override
     def info(self) -> dict[str, Any]:
         return {"address": self.server.address}
 
@@ -101,6 +104,7 @@ class NcclReceiver(ReceiverTransport):
         if comm is not None:
             comm.close()
 
+    @override
     def receive(self, loader: Loader, timeout: float | None, *, push_timeout: float | None = None) -> RefitReport | None:
         in_push = timeout if push_timeout is None else push_timeout
         try:  # begin() skips stray messages itself; None means no push began in time
@@ -180,7 +184,23 @@ class NcclReceiver(ReceiverTransport):
                 except TransportError as exc:
                     raise TransportError(f"{self.name}: {exc} [phase buckets, bucket {i} of {n}; sender is rank 0]") from None
                 loader.note("wait", time.perf_counter() - t0)
-            loader.apply(i, bufs[i % nb][: sizes[i]], persistent=True)
+            # with checksums on, the sender's checksum of bucket i comes as its header on the control channel
+            checksum = self.server.bucket_header(loader, hello, timeout, i).checksum if hello.checksum else None
+            try:
+                loader.apply(i, bufs[i % nb][: sizes[i]], persistent=True, checksum=checksum)
+            except IntegrityError:
+                # take part in the rest of the stream (nothing applied) so the sender's broadcasts
+                # end and it reads this receiver's abort at once, not at its timeout
+                with contextlib.suppress(TransportError):
+                    if i + nb < n:
+                        post(i + nb)  # bucket i's buffer is free: nothing of it was applied
+                    for j in range(i + 1, n):
+                        drained = pending.pop(j, None)
+                        if drained is not None:
+                            drained.wait(timeout)
+                        if j + nb < n:
+                            post(j + nb)
+                raise
             if i + nb < n:
                 post(i + nb)  # on CUDA, ordered after this apply's copies by an event
 
@@ -191,6 +211,7 @@ class NcclReceiver(ReceiverTransport):
             self._bufs = [torch.empty(bucket_bytes, dtype=torch.uint8, device=device) for _ in range(num_buffers)]
         return self._bufs
 
+    @override
     def close(self) -> None:
         self._drop_group()
         self.server.close()

@@ -97,6 +97,7 @@ class Offer:
     events: tuple[bytes, ...] | None
 
     def encode(self) -> bytes:
+        """This offer as msgpack bytes, the handshake's ``extra`` payload (read back by :func:`decode_offer`)."""
         return msgpack.packb(
             {
                 "v": 1,
@@ -247,6 +248,7 @@ class SharedBuffers:
         self.handles = names
 
     def event_handles(self) -> list[bytes]:
+        """The IPC handles of the per-slot "packed" events, for a receiver to open."""
         return [bytes(e.ipc_handle()) for e in self.events]
 
     def close(self) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from typing_extensions import override
 
 from refit.auth import CurveAuth
 from refit.errors import WireError
@@ -31,7 +32,7 @@ from refit.report import RefitReport
 from refit.transports.base import ReceiverTransport, Sender
 from refit.transports.control import DEFAULT_ADDRESS, ControlServer, Frames
 from refit.transports.peers import PeerGroup, Peers, peer_infos
-from refit.wire import Bucket
+from refit.wire import Bucket, Fingerprints
 
 
 def host_buffer(nbytes: int) -> torch.Tensor:
@@ -53,33 +54,47 @@ class ZmqSender(Sender):
         self._bufs: list[torch.Tensor] = []
         self._num_buffers = 2
 
-    def handshake(self, manifest: Manifest, version: int) -> None:
-        self.group.handshake(manifest, version, self._num_buffers)
+    supports_checksum = True
 
+    @override
+    def handshake(self, manifest: Manifest, version: int) -> None:
+        self.group.handshake(manifest, version, self._num_buffers, checksum=self.checksum or "", record=self.record)
+
+    @override
     def buffers(self, bucket_bytes: int, num_buffers: int) -> list[torch.Tensor]:
         self._num_buffers = num_buffers
         if len(self._bufs) != num_buffers or self._bufs[0].numel() != bucket_bytes:
             self._bufs = [host_buffer(bucket_bytes) for _ in range(num_buffers)]
         return self._bufs
 
+    @override
     def wait_reusable(self, slot: int) -> None:
         self.group.wait_slot(slot)
 
-    def send(self, index: int, slot: int, nbytes: int) -> None:
+    @override
+    def send(self, index: int, slot: int, nbytes: int, checksum: bytes | None = None) -> None:
         buf = self._bufs[slot]
         if buf.is_pinned():  # pack used non-blocking device-to-host copies
             torch.cuda.current_stream().synchronize()
-        self.group.send_bucket(index, nbytes, slot, host_bytes(buf)[:nbytes])
+        self.group.send_bucket(index, nbytes, slot, host_bytes(buf)[:nbytes], checksum=checksum)
 
+    @override
     def finish(self) -> list[RefitReport]:
         return self.group.finish()
 
+    @override
     def committed_versions(self) -> list[int] | None:
         return self.group.committed_versions()
 
+    @override
+    def fingerprints(self) -> list[Fingerprints] | None:
+        return self.group.fingerprints()
+
+    @override
     def abort(self, reason: str) -> None:
         self.group.abort(reason)
 
+    @override
     def close(self) -> None:
         self.group.close()
         self._bufs = []
@@ -104,6 +119,7 @@ class ZmqReceiver(ReceiverTransport):
         self.device = torch.device(device)
         self._staging: list[torch.Tensor] = []
 
+    @override
     def info(self) -> dict[str, Any]:
         return {"address": self.server.address}
 
@@ -125,6 +141,7 @@ class ZmqReceiver(ReceiverTransport):
         staged.copy_(data)
         return staged
 
+    @override
     def receive(self, loader: Loader, timeout: float | None, *, push_timeout: float | None = None) -> RefitReport | None:
         return self.server.receive(
             loader, timeout, self._bucket, push_timeout=push_timeout, after_apply=self._after_apply if self.device.type == "cuda" else None
@@ -135,6 +152,7 @@ class ZmqReceiver(ReceiverTransport):
         have read it before the ack lets the next bucket overwrite it."""
         torch.cuda.current_stream(self.device).synchronize()
 
+    @override
     def close(self) -> None:
         self.server.close()
 
