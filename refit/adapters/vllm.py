@@ -12,8 +12,24 @@ Engine side: start vLLM with ``worker_extension_cls=EXTENSION``
 from __future__ import annotations
 
 from refit.adapters.vllm_engine import AsyncVllmEngine, RpcSender, VllmEngine, raise_errors
+from refit.adapters.vllm_transfer import RefitWeightTransferEngine, register
+from refit.adapters.vllm_transfer_trainer import AsyncLLMClient, LLMClient, RefitTrainerInitInfo, RefitTrainerWeightTransferEngine
 from refit.adapters.vllm_worker import RefitWorkerExtension
 
 EXTENSION = "refit.adapters.vllm.RefitWorkerExtension"
 
-__all__ = ["EXTENSION", "AsyncVllmEngine", "RefitWorkerExtension", "RpcSender", "VllmEngine", "raise_errors"]
+register()  # backend="refit" in vLLM's weight-transfer factories (docs/vllm_transfer.md)
+
+__all__ = [
+    "EXTENSION",
+    "AsyncLLMClient",
+    "AsyncVllmEngine",
+    "LLMClient",
+    "RefitTrainerInitInfo",
+    "RefitTrainerWeightTransferEngine",
+    "RefitWeightTransferEngine",
+    "RefitWorkerExtension",
+    "RpcSender",
+    "VllmEngine",
+    "raise_errors",
+]
