@@ -3,7 +3,7 @@
 # import layers, build the documentation site, then run every tier but `gpu`. Fails if a test fails or if no test ran.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh zmq,test,docs
+bash scripts/setup.sh zmq,test,docs,ray
 . .venv/bin/activate
 if ! python -c "import vllm" 2>/dev/null; then
   # Real vLLM for the adapter's integration tests: the CPU build, same torch; then drop the CUDA
