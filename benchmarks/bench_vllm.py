@@ -1,6 +1,11 @@
 """The vLLM apply path (issue 14): a refit push into a real vLLM engine, beside vLLM's own
 reload of the same tensors and the raw transport, measured in one run on one engine.
 
+The same comparison is in the package as ``refit bench --engine vllm`` (``refit/bench_vllm.py``:
+any named shape or HF config.json, bucket / buffer sweeps, JSON and plot); this script keeps
+what that command does not: TP/PP layouts, vLLM's reload once per bucket or per tensor, refit's
+push inside the worker (``local``) and a cProfile of both sides of the apply.
+
 A Llama-style model (bf16, hidden 1536, 16 layers, vocab 32000, intermediate 3456: 1.0 GB in
 147 tensors) is built from a config written here, with dummy weights; the pushed weights are
 seeded random tensors. Per bucket size, in this order:
@@ -108,7 +113,7 @@ def raw_zmq(llm: Any, flat: torch.Tensor, frame: int) -> float:
     from refit.pack import host_bytes
 
     address = llm.collective_rpc("bench_zmq_bind")[0]["address"]
-    sock = zmq.Context.instance().socket(zmq.PAIR)
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PAIR)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(address)
     mem = host_bytes(flat)

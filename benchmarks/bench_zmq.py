@@ -14,7 +14,8 @@ import json
 
 import torch
 
-from refit.bench import bench_zmq_state, table
+from refit.bench import bench_zmq_state
+from refit.bench_output import table
 
 
 def main() -> None:
@@ -31,9 +32,8 @@ def main() -> None:
     n = max(1, int(args.gib * (1 << 30)) // (per * 2))
     state = {f"model.layers.{i}.mlp.weight": torch.full((per,), float(i % 5 + 1), dtype=torch.bfloat16, device=dev) for i in range(n)}
     scales = {f"model.layers.{i}.mlp.weight_scale": torch.tensor(0.5, device=dev) for i in range(n)}
-    rows = [
-        bench_zmq_state(f"{args.gib:g}GiB/{mib}M", state, scales, dev, mib << 20, args.num_buffers, args.repeat) for mib in (args.bucket_mib or [64])
-    ]
+    configs = [(mib << 20, args.num_buffers) for mib in (args.bucket_mib or [64])]
+    rows = bench_zmq_state(f"{args.gib:g}GiB", state, scales, dev, configs, args.repeat)
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:

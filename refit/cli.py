@@ -1,9 +1,8 @@
-"""The ``refit`` command: ``refit demo`` (the main job) and ``refit bench``."""
+"""The ``refit`` command: ``refit demo`` (the main job), ``refit bench`` and ``refit verify``."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from refit.errors import RefitError
@@ -12,22 +11,9 @@ from refit.shapes import SHAPES
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from refit import bench
+    from refit.bench_cmd import command
 
-    transports = args.transport
-    if "all" in transports:  # every transport this machine can run; say which were left out
-        transports = [t for t in bench.BENCHES if not bench.unavailable(t, args.device)]
-        for t in bench.BENCHES:
-            if why := bench.unavailable(t, args.device):
-                print(f"refit bench: skipping {t}: {why}", file=sys.stderr)
-    rows = [bench.run(t, args.shape, args.device, args.bucket_bytes, args.num_buffers, args.repeat) for t in transports]
-    print(bench.table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
-    if args.plot:
-        bench.plot(rows, args.plot)
-    return 0
+    return command(args)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -52,22 +38,33 @@ def parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo)
 
     b = sub.add_parser("bench", help="measure a push of a synthetic model-shaped state against its ceiling")
-    b.add_argument("--transport", action="append", choices=["local", "zmq", "cuda_ipc", "nccl", "all"], help="repeatable, or all; default local")
-    b.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
+    b.add_argument(
+        "--transport",
+        action="append",
+        choices=["local", "zmq", "cuda_ipc", "nccl", "all"],
+        help="repeatable, or all; default local (zmq with --engine vllm)",
+    )
+    b.add_argument("--engine", choices=["vllm"], help="push into a real vLLM engine (CPU) beside vLLM's own reload of the same tensors")
+    b.add_argument("--shape", default="llama-1b", help=f"a named shape ({', '.join(sorted(SHAPES))}) or the path of an HF config.json")
     b.add_argument("--device", default="cpu", help="cpu or cuda")
-    b.add_argument("--bucket-bytes", type=int, default=DEFAULT_BUCKET_BYTES)
-    b.add_argument("--num-buffers", type=int, default=2)
+    default_mib = DEFAULT_BUCKET_BYTES >> 20
+    b.add_argument("--bucket-mb", type=int, action="append", metavar="MIB", help=f"bucket size in MiB, repeatable (default {default_mib})")
+    b.add_argument("--bucket-bytes", type=int, action="append", metavar="BYTES", help="bucket size in bytes, repeatable")
+    b.add_argument("--num-buffers", type=int, action="append", metavar="N", help="staging buffers in flight, repeatable (default 2)")
     b.add_argument("--repeat", type=int, default=3, help="timed runs after one warm-up; the best is reported")
-    b.add_argument("--json", metavar="PATH", help="write the rows as JSON")
-    b.add_argument("--plot", metavar="PATH", help="write a PNG bar chart (needs matplotlib)")
+    b.add_argument("--json", metavar="PATH", help="write the rows (stages, memory, ratios) and where they were measured as JSON")
+    b.add_argument("--plot", metavar="PATH", help="write a PNG of GB/s against bucket size with the ceilings (needs matplotlib)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_bench)
+
+    from refit.verify_cmd import add_parser as add_verify
+
+    add_verify(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if getattr(args, "transport", None) is None:
-        args.transport = ["local"]
     try:
         return int(args.func(args))
     except RefitError as exc:
