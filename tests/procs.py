@@ -95,3 +95,134 @@ def zmq_receiver(
         rx.close()
     except Exception:
         out.put(("crash", traceback.format_exc()))
+
+
+# ---------------------------------------------------------------- fault matrix (tests/test_fault_matrix.py)
+
+
+def fault_state(seed: int) -> dict[str, torch.Tensor]:
+    """A small deterministic push (6 x 4 KiB weights and a 0-d scale): several buckets of 4 KiB."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {f"w{i}": torch.randn(1024, generator=gen) for i in range(6)}
+    state["k_scale"] = torch.rand((), generator=gen) + 0.5
+    return state
+
+
+FAULT_SPEC = {**{f"w{i}": ((1024,), "float32") for i in range(6)}, "k_scale": ((), "float32")}
+
+
+def fault_refitter(transport: str, peers: list[Any], timeout: float, **kw: Any) -> Any:
+    """A Refitter for ``transport`` on the CPU (``cuda_ipc`` over shared memory, ``nccl`` over gloo)."""
+    from refit.api import Refitter
+
+    extra: dict[str, Any] = {"cuda_ipc": {"device": "cpu"}, "nccl": {"device": "cpu", "backend": "gloo"}}.get(transport, {})
+    return Refitter(transport, peers=peers, bucket_bytes=4096, num_buffers=1, timeout=timeout, **extra, **kw)
+
+
+def _stall(out: Any, role: str, point: str, release: str) -> None:
+    """Tell the parent ``role`` reached ``point``, then wait until ``release`` exists (or a kill)."""
+    import time
+
+    out.send((role, "at", point, time.monotonic()))
+    deadline = time.monotonic() + 120
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def fault_receiver(cfg: dict[str, Any], out: Any) -> None:
+    """A receiver of ``cfg['transport']`` whose push ``cfg['stall_push']`` stalls at ``cfg['stall']``
+    (``handshake``: in the loader's prepare; ``bucket``: after applying bucket 0; ``last_bucket``:
+    after applying the last one; ``finish``: in the post-load hook) until ``cfg['release']`` exists.
+    Serves pushes (start polled every 0.2 s, each wait inside bounded by ``push_timeout``) until
+    ``cfg["pushes"]`` outcomes or ``cfg["stop"]`` exists; reports (on the pipe end ``out``) every outcome with the
+    target's digest and the monotonic time it ended."""
+    import time
+
+    from refit.errors import RefitError
+    from refit.receiver import RefitReceiver
+    from refit.resolve import TensorsResolver
+
+    role = cfg.get("role", "rx")
+    try:
+        torch.set_num_threads(1)
+        stall, release, push = cfg.get("stall"), cfg.get("release", ""), [0]
+        target = make_target(FAULT_SPEC)
+
+        def post_load() -> None:
+            if stall == "finish" and push[0] == cfg.get("stall_push", 0):
+                _stall(out, role, "finish", release)
+
+        extra: dict[str, Any] = {"cuda_ipc": {"device": "cpu"}, "nccl": {"device": "cpu"}}.get(cfg["transport"], {})
+        if cfg.get("address"):
+            extra["address"] = cfg["address"]
+        rx = RefitReceiver(TensorsResolver(target, post_load=post_load), cfg["transport"], name="rx", push_timeout=cfg["timeout"], **extra)
+        prepare, apply = rx.loader.prepare, rx.loader.apply
+
+        def prepare_hook(*args: Any, **kw: Any) -> Any:
+            if stall == "handshake" and push[0] == cfg.get("stall_push", 0):
+                _stall(out, role, "handshake", release)
+            return prepare(*args, **kw)
+
+        def apply_hook(index: int, bucket: torch.Tensor, **kw: Any) -> None:
+            apply(index, bucket, **kw)
+            last = rx.loader._require_push().manifest.num_buckets - 1
+            out.send((role, "applied", (index, last), time.monotonic()))
+            if push[0] == cfg.get("stall_push", 0) and (stall, index) in (("bucket", 0), ("last_bucket", last)):
+                _stall(out, role, str(stall), release)
+
+        rx.loader.prepare, rx.loader.apply = prepare_hook, apply_hook  # type: ignore[method-assign]
+        out.send((role, "info", rx.info(), time.monotonic()))
+        deadline = time.monotonic() + cfg.get("life", 120)
+        while push[0] < cfg["pushes"] and time.monotonic() < deadline and not os.path.exists(cfg.get("stop", "/nonexistent")):
+            try:
+                report = rx.transport.receive(rx.loader, 0.2, push_timeout=cfg["timeout"])
+                if report is None:
+                    continue
+                out.send((role, "result", ("ok", report.version, rx.torn, digests(target)), time.monotonic()))
+            except RefitError as exc:
+                kind = next(c.__name__ for c in type(exc).__mro__ if c.__module__ == "refit.errors")
+                out.send((role, "result", (kind, str(exc)[:1000], rx.version, rx.torn, digests(target)), time.monotonic()))
+            push[0] += 1
+        rx.close()  # right after the last Done: close must still deliver it
+        out.send((role, "done", None, time.monotonic()))
+        while time.monotonic() < deadline and not os.path.exists(cfg.get("stop", "/nonexistent")):
+            time.sleep(0.05)  # stay up (as an engine does) until the parent is done
+    except BaseException:
+        out.send((role, "crash", traceback.format_exc(), 0.0))
+
+
+def fault_sender(cfg: dict[str, Any], peers: list[Any], out: Any) -> None:
+    """One push of ``fault_state(cfg['seed'])`` as ``cfg['version']`` (None: the Refitter's
+    numbering), stalled at ``cfg['stall']`` (``bucket``: after sending bucket 0; ``before_finish``:
+    every bucket sent, Finish not yet) until ``cfg['release']`` exists; reports the outcome."""
+    import time
+
+    from refit.errors import RefitError
+
+    role = cfg.get("role", "tx")
+    try:
+        torch.set_num_threads(1)
+        stall, release = cfg.get("stall"), cfg.get("release", "")
+
+        def progress(done: int, total: int) -> None:
+            if stall == "bucket" and done == 1:
+                _stall(out, role, "bucket", release)
+
+        with fault_refitter(cfg["transport"], peers, cfg["timeout"], progress=progress) as r:
+            if stall == "before_finish":
+                finish = r.sender.finish
+
+                def finish_hook() -> Any:
+                    _stall(out, role, "before_finish", release)
+                    return finish()
+
+                r.sender.finish = finish_hook
+            out.send((role, "started", None, time.monotonic()))
+            try:
+                rep = r.push(fault_state(cfg["seed"]), version=cfg.get("version"))
+                out.send((role, "result", ("ok", rep.version), time.monotonic()))
+            except RefitError as exc:
+                kind = next(c.__name__ for c in type(exc).__mro__ if c.__module__ == "refit.errors")
+                out.send((role, "result", (kind, str(exc)[:1000]), time.monotonic()))
+    except BaseException:
+        out.send((role, "crash", traceback.format_exc(), 0.0))

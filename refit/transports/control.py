@@ -71,6 +71,9 @@ def _deadline(timeout: float | None) -> float | None:
 BucketSource = Callable[[Bucket, Frames], torch.Tensor]
 
 
+CLOSE_LINGER_MS = 500  # how long close() lets already-sent replies reach their sender
+
+
 class ControlServer:
     """The receiver's control socket (ROUTER) and the protocol loop of one push.
 
@@ -362,8 +365,12 @@ class ControlServer:
         return hello
 
     def close(self) -> None:
-        """Close the socket, stop the CURVE authenticator, and end the context if this server made it."""
-        self.sock.close(linger=0)
+        """Close the socket, stop the CURVE authenticator, and end the context if this server made it.
+
+        Replies already sent (the Done of a push that just committed) still go out for up to
+        ``CLOSE_LINGER_MS``: a receiver closed right after ``receive()`` returned must not leave
+        its sender waiting out its timeout for a Done that was dropped."""
+        self.sock.close(linger=CLOSE_LINGER_MS)
         if self._zap is not None:
             self._zap.stop()
             self._zap = None

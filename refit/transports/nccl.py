@@ -226,7 +226,15 @@ class NcclSender(Sender):
         """After every Hello is out: join a new group as rank 0 (blocks for all), then start
         broadcasting bucket 0 (the prelude) before any verdict is in."""
         if self._joining and self._store is not None and self._store.store is not None:
-            self._comm = join_group(self._rendezvous(0), self._store.store, 0, self.device, self.host, "the sender")
+            try:
+                self._comm = join_group(self._rendezvous(0), self._store.store, 0, self.device, self.host, "the sender")
+            except GroupSetupFailed as exc:
+                if "did not arrive" not in str(exc):
+                    raise
+                raise GroupSetupFailed(  # say why a receiver may not have come
+                    f"{exc}; a receiver busy with another push (it reads a new Hello only between that push's buckets), "
+                    f"stopped or dead does not join: check receivers {self._peer_names()}"
+                ) from None
         if self._prelude and self._comm is not None:
             self.send(0, 0, self._prelude)
             self._prelude_sent = True
