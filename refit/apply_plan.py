@@ -98,6 +98,9 @@ class BucketPlan:
         self.copies = CopyPlan(dsts, srcs)
 
     def scale_problems(self) -> list[str]:
+        """Problems of the bucket's scales and amax as they arrived (non-finite, non-positive, negative amax); empty if all
+        are valid. Read from the bucket, so call it before the bucket is reused.
+        """
         bad: list[str] = []
         for names, v, amax in self.checks:
             if isinstance(names, list):

@@ -71,10 +71,12 @@ def bucketed(comm: Communicator, bufs: list[torch.Tensor], sizes: Sequence[int])
 
 
 def whole(comm: Communicator, buf: torch.Tensor) -> None:
+    """One broadcast of the whole state's bytes in ``buf``: the link's ceiling."""
     comm.broadcast(buf, "whole state").wait()
 
 
 def per_tensor(comm: Communicator, tensors: list[torch.Tensor]) -> None:
+    """One blocking broadcast per tensor, the baseline many RL frameworks use."""
     for i, t in enumerate(tensors):
         comm.broadcast(_raw(t), f"tensor {i}").wait()
 

@@ -114,6 +114,7 @@ class PeakMemory:
             self.device_added = self.device_peak - self._dev0
 
     def fields(self) -> dict[str, int | None]:
+        """The peaks as row fields (bytes; None where not measured: no ``/proc``, or not CUDA)."""
         return {
             "rss_peak_bytes": self.rss_peak,
             "rss_added_bytes": self.rss_added,
@@ -163,6 +164,7 @@ def make_row(
 
 
 def report_fields(refitter: Refitter, report: RefitReport) -> dict[str, Any]:
+    """A row's fields from one push: bucket options, per-stage seconds of the sender and each receiver, staging bytes."""
     sender, receivers = dict(report.seconds), [dict(r.seconds) for r in report.receivers]
     staging = sum(b.numel() * b.element_size() for b in refitter.sender.buffers(refitter.bucket_bytes, refitter.num_buffers))
     return {

@@ -183,5 +183,6 @@ class Bar:
             print(line, file=sys.stderr)
 
     def close(self) -> None:
+        """Close the bar (if one is shown)."""
         if self._bar is not None:
             self._bar.close()

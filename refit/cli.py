@@ -27,6 +27,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The ``refit`` argument parser: subcommands ``demo``, ``bench`` and ``verify``."""
     p = argparse.ArgumentParser(prog="refit", description="Move trainer weights and quantization scales into inference engines.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -64,6 +65,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``refit`` command with ``argv`` (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: the subcommand's, or 2 after a :class:`~refit.errors.RefitError` (printed on stderr).
+    """
     args = parser().parse_args(argv)
     try:
         return int(args.func(args))

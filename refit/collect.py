@@ -68,6 +68,9 @@ class ScaleBlocks:
 
 @dataclass
 class Collected:
+    """What :class:`Collector` made of one push's input: the plan entries (scales first), each name's source tensor
+    (or :class:`~refit.pack.Lazy`), and the stacked 0-d scales, if any.
+    """
     entries: list[PlanEntry]
     sources: dict[str, torch.Tensor | Lazy]
     blocks: ScaleBlocks | None

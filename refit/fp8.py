@@ -44,6 +44,9 @@ _ROWS_ELEMS = 16 << 20  # rows quantized at once: the float32 temporary stays un
 
 
 class Scheme(enum.StrEnum):
+    """How :func:`quantize` scales a weight: ``TENSOR``, one float32 scale for the whole tensor; ``BLOCK``, one per
+    128x128 block (vLLM's block-wise FP8).
+    """
     TENSOR = "tensor"
     BLOCK = "block"
 

@@ -105,6 +105,7 @@ class TensorMeta:
 
     @property
     def is_chunked(self) -> bool:
+        """True if this entry is one of several chunks of a tensor too large for one bucket."""
         return self.chunks > 1
 
 
@@ -125,6 +126,7 @@ class Manifest:
 
     @property
     def num_buckets(self) -> int:
+        """How many buckets the push sends (empty ones included)."""
         return len(self.bucket_sizes)
 
     @cached_property
@@ -134,10 +136,12 @@ class Manifest:
 
     @cached_property
     def num_tensors(self) -> int:
+        """How many tensors the push carries (a chunked tensor counts once)."""
         return sum(1 for m in self.metas if m.chunk == 0)
 
     @cached_property
     def digest(self) -> str:
+        """The layout's content hash (:func:`manifest_digest`): equal digests mean equal plans."""
         return manifest_digest(self)
 
     @cached_property

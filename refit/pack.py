@@ -63,6 +63,7 @@ class Lazy:
             raise PlanError(f"Lazy.dtype must be a torch.dtype, got {self.dtype!r}")
 
     def materialize(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """A new tensor on ``device`` holding what ``fill`` writes, for where the value is needed outside a bucket (e.g. ``refit verify``)."""
         out = torch.empty(self.shape, dtype=self.dtype, device=device)
         self.fill(out)
         return out
@@ -155,6 +156,11 @@ class CopyPlan:
                 pair[1].append(rs)
 
     def run(self, non_blocking: bool = False) -> None:
+        """Do every copy of the plan.
+
+        Args:
+            non_blocking: passed to ``copy_`` (device/pinned-host copies are then only queued on the current stream).
+        """
         for d, s, nbytes in self.host:
             ctypes.memmove(d.data_ptr(), s.data_ptr(), nbytes)
         for d, s in self.large:

@@ -133,6 +133,9 @@ class RefitReceiver:
         return reports
 
     def stop(self) -> None:
+        """Make the :meth:`serve` in progress return (callable from another thread): it returns after the push or wait
+        in progress, within ``poll`` seconds when idle.
+        """
         self._stop.set()
 
     def _check_open(self) -> None:
@@ -140,6 +143,7 @@ class RefitReceiver:
             raise RefitError(f"{self.loader.name} is closed; create a new RefitReceiver")
 
     def close(self) -> None:
+        """Stop serving and release the transport (idempotent); the receiver cannot be used again."""
         self._stop.set()
         if not self._closed:
             self._closed = True

@@ -41,6 +41,9 @@ class RefitReport:
         return self.bytes / total / 1e9 if total > 0 else 0.0
 
     def to_wire(self) -> dict[str, Any]:
+        """This report as plain values for the wire (read back by :func:`refit.wire.report_from_wire`);
+        ``receivers`` is not included: each receiver sends its own.
+        """
         return {
             "version": self.version,
             "bytes": self.bytes,
@@ -53,6 +56,7 @@ class RefitReport:
         }
 
     def summary(self) -> str:
+        """One line: version, tensors, MB, buckets, total ms and GB/s, then the receiver's counts and each stage's ms."""
         stages = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.seconds.items() if k != "total")
         line = (
             f"[{self.peer}] version {self.version}: {self.tensors} tensors, {self.bytes / 1e6:.1f} MB "

@@ -140,6 +140,7 @@ def run_problems(names: Sequence[str], values: torch.Tensor, amax: torch.Tensor 
 
 
 def amax_mask(names: Sequence[str], device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """A bool tensor on ``device``, True where ``names[i]`` is an amax (may be 0), or None if none is."""
     flags = [is_amax(n) for n in names]
     return torch.tensor(flags, device=device) if any(flags) else None
 

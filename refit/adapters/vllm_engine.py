@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
+from typing_extensions import override
 
 from refit.errors import PlanError, RefitError, ResolveError, TornStateError, TransportError, WireError
 from refit.meta import Manifest
@@ -128,7 +129,7 @@ class VllmEngine:
     def targets(self, state: Mapping[str, Any]) -> list[dict[str, dict[str, Any]]]:
         """Ask before pushing: per worker, for each name of ``state`` (name -> tensor, or
         anything with ``shape`` and ``dtype`` such as :class:`refit.Lazy`), what a push of it
-        would meet there, loading nothing:
+        would meet there, loading nothing.
 
         * ``kind``: ``"weight"``, ``"scale"``, ``"amax"``, ``"remote"`` (another pipeline
           stage loads it) or ``"unknown"``;
@@ -217,6 +218,7 @@ class RpcSender(Sender):
         self._bufs: list[torch.Tensor] = []
         self._buckets: list[bytes] = []
 
+    @override
     def handshake(self, manifest: Manifest, version: int) -> None:
         from refit.wire import manifest_to_wire
 
@@ -228,26 +230,32 @@ class RpcSender(Sender):
                 self.engine.rpc("refit_abort", "another worker refused")
             raise
 
+    @override
     def committed_versions(self) -> list[int] | None:
         return [w["version"] for w in self.engine.status()]
 
+    @override
     def buffers(self, bucket_bytes: int, num_buffers: int) -> list[torch.Tensor]:
         if len(self._bufs) != num_buffers or self._bufs[0].numel() != bucket_bytes:
             self._bufs = [torch.zeros(bucket_bytes, dtype=torch.uint8) for _ in range(num_buffers)]
         return self._bufs
 
+    @override
     def wait_reusable(self, slot: int) -> None:
         return None  # send() copies the bytes out at once
 
+    @override
     def send(self, index: int, slot: int, nbytes: int) -> None:
         self._buckets.append(bytes(host_bytes(self._bufs[slot][:nbytes])))
 
+    @override
     def finish(self) -> list[RefitReport]:
         from refit.wire import report_from_wire
 
         buckets, self._buckets = self._buckets, []
         return [report_from_wire(r["report"]) for r in self.engine.rpc("refit_apply", buckets)]
 
+    @override
     def abort(self, reason: str) -> None:
         self._buckets = []
         with contextlib.suppress(RefitError):

@@ -86,4 +86,5 @@ class BucketLoads:
                         self.copied += value.numel() * value.element_size()
 
     def clear(self) -> None:
+        """Drop the queued loads without running them (a push was abandoned)."""
         self.pending, self.targets = [], []

@@ -105,6 +105,7 @@ def greedy_params(n: int = NEW_TOKENS) -> Any:
 
 
 def vllm_greedy(llm: Any, prompts: list[list[int]] = PROMPTS, n: int = NEW_TOKENS) -> list[list[int]]:
+    """The token ids ``llm`` generates greedily for each prompt (``n`` new tokens each)."""
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy_params(n), use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]
 
@@ -160,6 +161,7 @@ def start_engine(model_dir: str, *, tp: int = 1, pp: int = 1, dtype: str = "floa
 
 
 def shutdown(llm: Any) -> None:
+    """Stop ``llm``'s engine core process now (best effort: errors of an engine already gone are ignored)."""
     try:
         llm.llm_engine.engine_core.shutdown()
     except Exception:
