@@ -42,6 +42,15 @@ class TornStateError(RefitError):
     """A push broke after some buckets were applied: the target holds mixed weights."""
 
 
+def error_reply(exc: BaseException) -> dict[str, object]:
+    """``{"error": ...}`` for ``exc`` as a plain value (for RPC replies that must not raise): its
+    refit kind (any other exception counts as a transport failure), its message, and a
+    ``ResolveError``'s problems. The caller's side re-raises it as the same kind."""
+    kind = type(exc).__name__ if isinstance(exc, RefitError) else "TransportError"
+    problems = [str(p) for p in getattr(exc, "problems", [])]
+    return {"error": {"kind": kind, "message": f"{type(exc).__name__}: {exc}", "problems": problems}}
+
+
 def problem_list(problems: Iterable[str], limit: int = 20) -> str:
     """Sorted, de-duplicated, truncated bullet list of problems for an error message."""
     items = sorted(set(problems))

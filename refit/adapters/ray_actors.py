@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from refit.adapters.ray_place import Place
-from refit.errors import RefitError, TransportError
+from refit.errors import RefitError, TransportError, error_reply
 
 _Reply = Callable[..., dict[str, Any]]
 
@@ -42,14 +42,6 @@ def here() -> Place:
     if torch.cuda.is_available():  # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPUs
         gpus = tuple(gpu_uuid(torch.device("cuda", i)) for i in range(torch.cuda.device_count()))
     return Place(node_id=ray.get_runtime_context().get_node_id(), node_ip=ray.util.get_node_ip_address(), host=host_id(), gpus=gpus)
-
-
-def error_reply(exc: BaseException) -> dict[str, Any]:
-    """``{"error": ...}`` for ``exc``: its refit kind (other exceptions count as transport
-    failures), its message, and a ``ResolveError``'s problems."""
-    kind = type(exc).__name__ if isinstance(exc, RefitError) else "TransportError"
-    problems = [str(p) for p in getattr(exc, "problems", [])]
-    return {"error": {"kind": kind, "message": f"{type(exc).__name__}: {exc}", "problems": problems}}
 
 
 def replies(method: _Reply) -> _Reply:

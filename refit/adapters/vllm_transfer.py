@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,8 +48,9 @@ import torch
 from typing_extensions import override
 from vllm.distributed.weight_transfer.base import WeightTransferEngine, WeightTransferInitInfo, WeightTransferUpdateInfo
 
+from refit.adapters.vllm_worker import buckets_stay, vllm_loader
 from refit.errors import RefitError, TornStateError, TransportError
-from refit.options import check_options
+from refit.options import check_options, check_timeout
 from refit.transports import load_transport
 from refit.transports.base import ReceiverTransport
 
@@ -74,11 +74,8 @@ def _fields(cls: type, data: object, what: str) -> dict[str, Any]:
 
 
 def _seconds(value: object, what: str, *, allow_none: bool = False) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise RefitError(f"{what} must be a positive number of seconds, got {value!r:.80}")
-    return float(value)
+    checked = check_timeout(value, what, allow_none=allow_none)
+    return None if checked is None else float(checked)
 
 
 @dataclass(kw_only=True)
@@ -224,10 +221,7 @@ class RefitWeightTransferEngine(WeightTransferEngine[RefitInitInfo, RefitUpdateI
     def loader(self) -> Any:
         """This worker's :class:`~refit.load.Loader` (committed ``version``, ``torn``)."""
         if self._loader is None:
-            from refit.adapters.vllm_resolve import VllmResolver
-            from refit.load import Loader
-
-            self._loader = Loader(VllmResolver(self.model, self.vllm_config), name=self.name)
+            self._loader = vllm_loader(self.model, self.vllm_config, self.name)
         return self._loader
 
     def init_transfer_engine(self, init_info: RefitInitInfo) -> None:
@@ -252,10 +246,7 @@ class RefitWeightTransferEngine(WeightTransferEngine[RefitInitInfo, RefitUpdateI
         self.shutdown()
         rx_cls = load_transport(init_info.transport).receiver_class()
         self._rx = rx_cls(name=self.name, address=init_info.addresses[self.index], **init_info.options)
-        # zmq on CPU hands the loader views of each received frame (a fresh message per bucket,
-        # never written again), so vLLM may keep them without a copy; other receivers reuse
-        # their staging buffers (as in the worker extension).
-        self._stay = init_info.transport == "zmq" and str(init_info.options.get("device", "cpu")) == "cpu"
+        self._stay = buckets_stay(init_info.transport, init_info.options)
         _ = self.loader
 
     def _receiver(self) -> ReceiverTransport:

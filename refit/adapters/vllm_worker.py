@@ -17,16 +17,16 @@ from typing import Any
 
 import torch
 
-from refit.errors import RefitError, ResolveError, TransportError, problem_list
+from refit.errors import RefitError, ResolveError, TransportError, error_reply, problem_list
 from refit.pack import host_bytes
 from refit.transports import load_transport
 from refit.transports.base import ReceiverTransport
 
 
 def _error(exc: BaseException, worker: str) -> dict[str, Any]:
-    kind = type(exc).__name__ if isinstance(exc, RefitError) else "TransportError"
-    problems = [str(p) for p in getattr(exc, "problems", [])]
-    return {"error": {"kind": kind, "message": f"{type(exc).__name__}: {exc}", "problems": problems, "worker": worker}}
+    reply: dict[str, Any] = error_reply(exc)
+    reply["error"]["worker"] = worker
+    return reply
 
 
 _Reply = Callable[..., dict[str, Any]]
@@ -47,6 +47,22 @@ def _replies(method: _Reply) -> _Reply:
     return wrapper
 
 
+def vllm_loader(model: Any, vllm_config: Any, name: str) -> Any:
+    """The strict :class:`~refit.load.Loader` of one vLLM worker's model shard."""
+    from refit.adapters.vllm_resolve import VllmResolver
+    from refit.load import Loader
+
+    return Loader(VllmResolver(model, vllm_config), name=name)
+
+
+def buckets_stay(transport: str, options: Mapping[str, Any] | None) -> bool:
+    """Whether received buckets stay valid after they are applied, so vLLM may keep views of them
+    without a copy (``vllm_load``): zmq on CPU hands the loader a view of each received frame, a
+    fresh message per bucket kept alive by its views; every other receiver reuses its staging
+    buffers."""
+    return transport == "zmq" and str(dict(options or {}).get("device", "cpu")) == "cpu"
+
+
 class RefitWorkerExtension:
     """Mixed into vLLM's worker class by ``worker_extension_cls``.
 
@@ -64,12 +80,7 @@ class RefitWorkerExtension:
     def _refit_loader(self) -> Any:
         loader = getattr(self, "_refit_loader_obj", None)
         if loader is None:
-            from refit.adapters.vllm_resolve import VllmResolver
-            from refit.load import Loader
-
-            model = self.model_runner.get_model()  # type: ignore[attr-defined]
-            resolver = VllmResolver(model, self.vllm_config)  # type: ignore[attr-defined]
-            loader = Loader(resolver, name=self._refit_name())
+            loader = vllm_loader(self.model_runner.get_model(), self.vllm_config, self._refit_name())  # type: ignore[attr-defined]
             self._refit_loader_obj = loader
         return loader
 
@@ -79,10 +90,7 @@ class RefitWorkerExtension:
         self.refit_close()
         rx: ReceiverTransport = load_transport(transport).receiver_class()(name=self._refit_name(), **dict(options or {}))
         self._refit_rx = rx
-        # zmq on CPU hands the loader a view of each received frame: a fresh message per
-        # bucket, kept alive by its views, so vLLM may hold them without a copy (vllm_load).
-        # Every other receiver reuses its staging buffers.
-        self._refit_stay = transport == "zmq" and str(dict(options or {}).get("device", "cpu")) == "cpu"
+        self._refit_stay = buckets_stay(transport, options)
         self._refit_loader()
         return {"info": rx.info()}
 
