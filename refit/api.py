@@ -94,7 +94,11 @@ class Refitter:
         checksum = check_checksum_option(checksum)
         if not isinstance(record_digests, bool):
             raise RefitError(f"record_digests must be True or False, got {record_digests!r:.80}")
-        sender_class = type(transport) if isinstance(transport, Sender) else load_transport(transport).sender
+        if isinstance(transport, Sender):
+            halves, sender_class = None, type(transport)
+        else:
+            halves = load_transport(transport)
+            sender_class = halves.sender
         if (checksum is not None or record_digests) and not sender_class.supports_checksum:
             raise RefitError(
                 f"transport {sender_class.__name__} cannot carry checksums or record_digests; use local, zmq, cuda_ipc or nccl, "
@@ -108,14 +112,14 @@ class Refitter:
                 raise RefitError(f"options {sorted(options)} go to the transport's constructor; pass them there, not with a ready Sender")
             self.sender = transport
         elif engine is not None:
-            halves = load_transport(transport)
+            assert halves is not None
             # checked before the workers are told to join, not after
             check_options(halves.sender, options, f"transport {transport!r}")
             check_options(halves.receiver_class(), dict(receiver_options or {}), f"the {transport!r} receiver (receiver_options)")
             infos = engine.open(transport, dict(receiver_options or {}))
             self.sender = halves.sender.for_receivers(infos, timeout=timeout, **options)
         else:
-            halves = load_transport(transport)
+            assert halves is not None
             if transport != "local":
                 options.setdefault("timeout", timeout)
             check_options(halves.sender, options, f"transport {transport!r}")

@@ -35,9 +35,7 @@ def tensor_digest(t: torch.Tensor) -> bytes:
         PlanError: a dtype that cannot travel.
     """
     h = digest_header(t.dtype, t.shape)
-    v = t.detach().cpu().contiguous()
-    if v.numel():
-        h.update(host_bytes(v))
+    h.update(host_bytes(t.detach().cpu().contiguous()))
     return h.digest()
 
 

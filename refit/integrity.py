@@ -103,7 +103,7 @@ def bucket_checksum(algorithm: Checksum, bucket: torch.Tensor) -> bytes:
         from refit.pack import host_bytes
 
         host = bucket if bucket.device.type == "cpu" and bucket.is_contiguous() else bucket.cpu().contiguous()
-        return bytes(_xxhash().xxh3_64_digest(host_bytes(host) if host.numel() else b""))
+        return bytes(_xxhash().xxh3_64_digest(host_bytes(host)))
     return _sum64(bucket)
 
 

@@ -338,22 +338,23 @@ class Loader:
 
     def _record(self, push: _Push, index: int, bucket: torch.Tensor) -> None:
         """Keep the sha256 of every local tensor (chunk) of bucket ``index``, as received."""
-        host = bucket[: push.manifest.bucket_sizes[index]].cpu().contiguous()
-        data = host_bytes(host) if host.numel() else memoryview(b"")
+        local: list[TensorMeta] = []
         for step in push.plan[index]:
             if isinstance(step, Run):
-                metas: tuple[TensorMeta, ...] = step.metas
+                local.extend(step.metas)
             elif step.res.placement is Placement.LOCAL:
-                metas = (step.meta,)
+                local.append(step.meta)
+        if not local:  # another stage's bucket: nothing to read back
+            return
+        lo, hi = min(m.offset for m in local), max(m.offset + m.nbytes for m in local)
+        data = host_bytes(bucket[lo:hi].cpu().contiguous())  # one copy of the span this receiver holds
+        for m in local:
+            h = push.hashing.pop(m.name, None) or digest_header(m.dtype, m.shape)
+            h.update(data[m.offset - lo : m.offset + m.nbytes - lo])
+            if m.chunk == m.chunks - 1:
+                push.received[m.name] = h.digest()
             else:
-                continue
-            for m in metas:
-                h = push.hashing.pop(m.name, None) or digest_header(m.dtype, m.shape)
-                h.update(data[m.offset : m.offset + m.nbytes])
-                if m.chunk == m.chunks - 1:
-                    push.received[m.name] = h.digest()
-                else:
-                    push.hashing[m.name] = h
+                push.hashing[m.name] = h
 
     def _forget(self, push: _Push) -> None:
         if self._received:

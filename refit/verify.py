@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from refit.digest import tensor_digest
+from refit.digest import fingerprints
 from refit.pack import Lazy
 
 
@@ -65,7 +65,7 @@ class VerifyResult:
 def sender_fingerprints(sources: Mapping[str, torch.Tensor | Lazy]) -> dict[str, bytes]:
     """``name -> tensor_digest`` of the pushed tensors (a :class:`Lazy` is materialized on the
     host, so its ``fill`` must give the same bytes as during the push)."""
-    return {name: tensor_digest(src.materialize("cpu") if isinstance(src, Lazy) else src) for name, src in sources.items()}
+    return fingerprints({name: src.materialize("cpu") if isinstance(src, Lazy) else src for name, src in sources.items()})
 
 
 def compare(mine: Mapping[str, bytes], peer: str, version: int, source: str, theirs: Mapping[str, bytes]) -> VerifyResult:

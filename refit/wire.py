@@ -15,6 +15,7 @@ from typing import Any
 import msgpack
 
 from refit.errors import WireError
+from refit.integrity import Checksum
 from refit.meta import Manifest
 from refit.meta import manifest_to_wire as manifest_to_wire
 from refit.report import RefitReport
@@ -26,7 +27,7 @@ MAX_MESSAGE_BYTES = 1 << 30
 MAX_PROBLEMS = 10_000
 MAX_CHECKSUM_BYTES = 32  # a checksum travels as its digest bytes (8 for xxh3, 16 for sum64)
 MAX_FINGERPRINTS = 1 << 20
-CHECKSUMS = ("", "xxh3", "sum64")  # "" = off (refit.integrity.Checksum names the others)
+CHECKSUMS = ("", *(c.value for c in Checksum))  # "" = off
 
 # ---------------------------------------------------------------- messages
 

@@ -274,7 +274,7 @@ class NcclSender(Sender):
         if self._comm is None:
             raise TransportError(f"nccl transport: no group to broadcast bucket {index} (was the push aborted?)")
         if checksum is not None:  # over the control channel: read by each receiver before it applies the bucket
-            self.group.send_bucket(index, nbytes, slot, checksum=checksum, acked=False)
+            self.group.send_bucket(index, nbytes, slot, checksum=checksum)  # (nccl never waits on a slot's acks)
         if nbytes == 0:
             return  # both sides skip empty buckets (sizes come from the manifest)
         if index == 0 and self._prelude_sent:

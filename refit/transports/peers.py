@@ -248,13 +248,11 @@ class PeerGroup:
                 continue  # a repeat of a message already handled (a faulty link may deliver one twice)
             return msg
 
-    def send_bucket(self, index: int, nbytes: int, slot: int, *data: Any, checksum: bytes | None = None, acked: bool = True) -> None:
-        """Send bucket ``index``'s header (and its bytes, if given) to every receiver;
-        ``acked=False`` for a header whose bucket is not acknowledged (nccl's checksums)."""
+    def send_bucket(self, index: int, nbytes: int, slot: int, *data: Any, checksum: bytes | None = None) -> None:
+        """Send bucket ``index``'s header (and its bytes, if given) to every receiver."""
         for p in self.peers:
             p.send(Bucket(self.push_id, index, nbytes, slot, checksum), *data)
-        if acked:
-            self._in_slot[slot] = index
+        self._in_slot[slot] = index
 
     def wait_slot(self, slot: int) -> bool:
         """Block until every receiver acknowledged the last bucket sent from ``slot`` in this
