@@ -42,18 +42,10 @@ def timings(fn: Callable[[], object], repeat: int, device: torch.device) -> list
 def best_of(fn: Callable[[], Any], repeat: int, device: torch.device) -> tuple[float, Any]:
     """Best wall seconds of ``repeat`` runs of ``fn`` after one warm-up (device work included),
     and what that run returned."""
-    fn()
-    sync(device)
-    best: tuple[float, Any] = (float("inf"), None)
-    for _ in range(repeat):
-        sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        seconds = time.perf_counter() - t0
-        if seconds < best[0]:
-            best = (seconds, out)
-    return best
+    outs: list[Any] = []
+    times = timings(lambda: outs.append(fn()), repeat, device)  # outs[0] is the warm-up's
+    best = min(range(repeat), key=times.__getitem__)
+    return times[best], outs[best + 1]
 
 
 def copy_ceiling(nbytes: int, device: torch.device, repeat: int) -> float:
