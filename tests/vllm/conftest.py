@@ -3,14 +3,30 @@ weights, no hub, one engine per test module (engine start ~30 s on 2 CPU cores).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import contextlib
+import threading
+import uuid
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from refit.demos.tiny_vllm import NEW_TOKENS, PROMPTS, QWEN2, hf_greedy, hf_state, offline_env, shutdown, start_engine, vllm_greedy, write_config  # noqa: F401
+from refit.demos.tiny_vllm import (  # noqa: F401
+    NEW_TOKENS,
+    PROMPTS,
+    QWEN2,
+    greedy_params,
+    hf_greedy,
+    hf_state,
+    offline_env,
+    shutdown,
+    start_engine,
+    vllm_greedy,
+    write_config,
+)
 
 offline_env("WARNING")  # before vLLM is imported anywhere
 
@@ -79,3 +95,31 @@ def engine_fixture(tmp: Path, config: dict[str, Any] = QWEN2, **kwargs: Any) -> 
             engine.close()
         finally:
             shutdown(llm)
+
+
+@contextlib.contextmanager
+def engine_on_loop(start: Callable[[], Coroutine[Any, Any, Any]]) -> Iterator[tuple[Any, asyncio.AbstractEventLoop]]:
+    """(engine, loop): an async engine (``AsyncLLM``) made by ``start()`` on an event loop that
+    runs in a thread of its own, as a server runs it; shut down with its loop on exit."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    engine = asyncio.run_coroutine_threadsafe(start(), loop).result(300)
+    try:
+        yield engine, loop
+    finally:
+        engine.shutdown()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+
+
+async def async_greedy(engine: Any) -> list[list[int]]:
+    """Greedy token ids of every prompt from an async engine (run it on the engine's loop)."""
+    out = []
+    for p in PROMPTS:
+        final: Any = None
+        async for o in engine.generate({"prompt_token_ids": p}, greedy_params(), request_id=str(uuid.uuid4())):
+            final = o
+        assert final is not None  # generate yields at least the finished output
+        out.append(list(final.outputs[0].token_ids))
+    return out

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
-import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -16,10 +14,11 @@ pytest.importorskip("zmq")
 pytestmark = pytest.mark.integration
 
 from refit import Refitter  # noqa: E402
-from refit.demos.tiny_vllm import PROMPTS, engine_kwargs, greedy_params, hf_greedy, hf_state, write_config  # noqa: E402
+from refit.demos.tiny_vllm import engine_kwargs, hf_greedy, hf_state, write_config  # noqa: E402
+
+from .conftest import async_greedy, engine_on_loop  # noqa: E402
 
 if TYPE_CHECKING:
-    from vllm.outputs import RequestOutput
     from vllm.v1.engine.async_llm import AsyncLLM
 
 Served = tuple["AsyncLLM", asyncio.AbstractEventLoop, str]  # the engine, the loop it runs on, its model dir
@@ -32,31 +31,11 @@ async def _start(model_dir: str) -> AsyncLLM:
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model_dir)))
 
 
-async def _greedy(engine: AsyncLLM) -> list[list[int]]:
-    params = greedy_params()
-    out = []
-    for p in PROMPTS:
-        final: RequestOutput | None = None
-        async for o in engine.generate({"prompt_token_ids": p}, params, request_id=str(uuid.uuid4())):
-            final = o
-        assert final is not None  # generate yields at least the finished output
-        out.append(list(final.outputs[0].token_ids))
-    return out
-
-
 @pytest.fixture(scope="module")
 def async_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
     model_dir = write_config(tmp_path_factory.mktemp("async-model"))
-    engine = asyncio.run_coroutine_threadsafe(_start(model_dir), loop).result(300)
-    try:
+    with engine_on_loop(lambda: _start(model_dir)) as (engine, loop):
         yield engine, loop, model_dir
-    finally:
-        engine.shutdown()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(30)
 
 
 def test_async_engine_push_matches_hf(async_engine: Served) -> None:
@@ -68,7 +47,7 @@ def test_async_engine_push_matches_hf(async_engine: Served) -> None:
     with Refitter("zmq", engine=AsyncVllmEngine(engine, loop), bucket_bytes=1 << 18, timeout=60) as refitter:
         report = refitter.push(state, scales)  # from this thread, not the engine's loop
     assert [r.loaded for r in report.receivers] == [len(state) + 1]
-    assert asyncio.run_coroutine_threadsafe(_greedy(engine), loop).result(120) == hf_greedy(hf)
+    assert asyncio.run_coroutine_threadsafe(async_greedy(engine), loop).result(120) == hf_greedy(hf)
 
 
 def test_pushing_from_the_engine_loop_is_refused(async_engine: Served) -> None:
@@ -96,7 +75,7 @@ def test_async_engine_apply_inside_rpcs(async_engine: Served) -> None:
     hf, state = hf_state(model_dir, seed=12)
     reports = AsyncVllmEngine(engine, loop).apply(state, version=7)
     assert [(r.version, r.loaded) for r in reports] == [(7, len(state))]
-    assert asyncio.run_coroutine_threadsafe(_greedy(engine), loop).result(120) == hf_greedy(hf)
+    assert asyncio.run_coroutine_threadsafe(async_greedy(engine), loop).result(120) == hf_greedy(hf)
 
 
 def _documented_async_example() -> str:
@@ -121,4 +100,4 @@ def test_documented_async_example_runs_as_written(async_engine: Served) -> None:
     exec(f"import asyncio\nasync def example(engine, state, scales):\n{body}    return report\n", namespace)
     report = asyncio.run_coroutine_threadsafe(namespace["example"](engine, state, scales), loop).result(300)
     assert [r.loaded for r in report.receivers] == [len(state) + 1]
-    assert asyncio.run_coroutine_threadsafe(_greedy(engine), loop).result(120) == hf_greedy(hf)
+    assert asyncio.run_coroutine_threadsafe(async_greedy(engine), loop).result(120) == hf_greedy(hf)

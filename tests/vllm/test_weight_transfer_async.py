@@ -7,8 +7,6 @@ refusal (a float32 tensor for a bfloat16 parameter) changes nothing."""
 from __future__ import annotations
 
 import asyncio
-import threading
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,10 +18,10 @@ pytest.importorskip("zmq", reason="pyzmq is not installed")
 pytestmark = pytest.mark.integration
 
 from refit import Refitter  # noqa: E402
-from refit.demos.tiny_vllm import PROMPTS, engine_kwargs, greedy_params, hf_state, offline_env, write_config  # noqa: E402
+from refit.demos.tiny_vllm import engine_kwargs, hf_state, offline_env, write_config  # noqa: E402
 from refit.errors import RefitError  # noqa: E402
 
-from .conftest import digests, read  # noqa: E402
+from .conftest import async_greedy, digests, engine_on_loop, read  # noqa: E402
 
 K0 = "model.layers.0.self_attn.attn._k_scale"
 
@@ -41,17 +39,9 @@ def async_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any
         args = AsyncEngineArgs(**engine_kwargs(model_dir, "bfloat16"), weight_transfer_config=WeightTransferConfig(backend="refit"))
         return AsyncLLM.from_engine_args(args)
 
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
     model_dir = write_config(tmp_path_factory.mktemp("wt-async-model"), torch_dtype="bfloat16")
-    engine = asyncio.run_coroutine_threadsafe(start(model_dir), loop).result(300)
-    try:
+    with engine_on_loop(lambda: start(model_dir)) as (engine, loop):
         yield engine, loop, model_dir
-    finally:
-        engine.shutdown()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(30)
 
 
 def _on(loop: asyncio.AbstractEventLoop, coro: Any, timeout: float = 300) -> Any:
@@ -59,16 +49,7 @@ def _on(loop: asyncio.AbstractEventLoop, coro: Any, timeout: float = 300) -> Any
 
 
 def _greedy(engine: Any, loop: asyncio.AbstractEventLoop) -> list[list[int]]:
-    async def run() -> list[list[int]]:
-        out = []
-        for p in PROMPTS:
-            final: Any = None
-            async for o in engine.generate({"prompt_token_ids": p}, greedy_params(), request_id=str(uuid.uuid4())):
-                final = o
-            out.append(list(final.outputs[0].token_ids))
-        return out
-
-    return _on(loop, run())
+    return _on(loop, async_greedy(engine))
 
 
 def _bf16(seed: int, model_dir: str) -> dict[str, torch.Tensor]:
