@@ -190,7 +190,8 @@ def push_through(proxy: FaultProxy, pushed: dict[str, torch.Tensor], version: in
 def check_consistent(rx: RefitReceiver, target: dict[str, torch.Tensor], old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], version: int) -> bool:
     """The receiver committed ``new`` bit for bit, or kept ``version - 1`` (torn if it had applied a bucket)."""
     deadline = time.monotonic() + 3 * TIMEOUT  # a receiver ending a broken push within its own bound
-    while rx.version not in (version, version - 1) or (rx.version == version - 1 and _mixed(target, old) and not rx.torn):
+    # wait until the receiver has ended the push (torn is already true while a push is applied)
+    while rx.loader.active or rx.version not in (version, version - 1):
         assert time.monotonic() < deadline, f"receiver neither committed nor kept its version: {rx.version}, torn {rx.torn}"
         time.sleep(0.05)
     if rx.version == version:
