@@ -36,7 +36,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,8 @@ offline_env("WARNING")
 
 import torch  # noqa: E402
 from vllm_bench_worker import bench_state  # noqa: E402
+
+from refit.bench_vllm import raw_zmq  # noqa: E402
 
 
 def llama_config(a: argparse.Namespace) -> dict[str, Any]:
@@ -106,34 +107,6 @@ def start(model_dir: str, tp: int, pp: int) -> Any:
     return llm
 
 
-def raw_zmq(llm: Any, flat: torch.Tensor, frame: int) -> float:
-    """Seconds to move ``flat`` in ``frame``-byte frames into the (first) worker, zero-copy."""
-    import zmq
-
-    from refit.pack import host_bytes
-
-    address = llm.collective_rpc("bench_zmq_bind")[0]["address"]
-    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PAIR)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(address)
-    mem = host_bytes(flat)
-    frames = [mem[o : o + frame] for o in range(0, len(mem), frame)]
-    reply: list[Any] = []
-    sink = threading.Thread(target=lambda: reply.append(llm.collective_rpc("bench_zmq_sink", args=(len(frames),))[0]))
-    sink.start()
-    time.sleep(0.2)  # the worker is in recv (the RPC's own start is not the transport's cost)
-    t0 = time.perf_counter()
-    for f in frames:
-        sock.send(f, copy=False)
-    sock.recv()
-    seconds = time.perf_counter() - t0
-    sink.join()
-    sock.close()
-    if reply[0]["bytes"] != len(mem):
-        raise RuntimeError(f"raw zmq: the worker received {reply[0]['bytes']} of {len(mem)} bytes")
-    return seconds
-
-
 def memcpy(state: dict[str, torch.Tensor], bucket_bytes: int) -> float:
     """Seconds of one copy of every tensor into a bucket-sized buffer (the shared-memory ceiling)."""
     buf = torch.ones(bucket_bytes, dtype=torch.uint8)  # touched: page faults are not the copy's cost
@@ -184,7 +157,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             bucket = mib << 20
             row: dict[str, Any] = {"bucket_mib": mib}
             for mode in ["all", "bucket"] + (["tensor"] if a.per_tensor else []):
-                got = [llm.collective_rpc("bench_reload", args=(spec, a.seed, mode, bucket)) for _ in range(a.repeats + 1)][1:]
+                got = [llm.collective_rpc("bench_reload_modes", args=(spec, a.seed, mode, bucket)) for _ in range(a.repeats + 1)][1:]
                 row[f"reload_{mode}"] = med([max(g["seconds"] for g in rep) for rep in got])
                 row[f"reload_{mode}_range"] = [min(max(g["seconds"] for g in rep) for rep in got), max(max(g["seconds"] for g in rep) for rep in got)]
             got = [llm.collective_rpc("bench_refit_local", args=(spec, a.seed, bucket))[0] for _ in range(a.repeats + 1)][1:]
@@ -193,7 +166,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                     print(f"--- profile of {name} in the worker, bucket {mib} MiB\n{text}", flush=True)
             row["refit_local"] = med([g["seconds"] for g in got])
             row["refit_local_apply"] = med([g["receiver"].get("apply", 0.0) for g in got])
-            row["raw_zmq"] = med(timed(lambda b=bucket: raw_zmq(llm, flat, b), a.repeats))
+            row["raw_zmq"] = med(timed(lambda b=bucket: raw_zmq(llm, flat, b, 120.0), a.repeats))
             row["memcpy"] = med(timed(lambda b=bucket: memcpy(state, b), a.repeats))
             for transport in a.transports:
                 sender: list[dict[str, float]] = []

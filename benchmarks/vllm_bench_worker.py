@@ -1,13 +1,14 @@
 """Worker side of ``bench_vllm.py``: refit's worker extension plus the two baselines, measured
 inside the vLLM worker (a helper module of the benchmark, imported by the worker process).
 
-* ``bench_reload``: vLLM's own in-process reload of the same tensors (``initialize_layerwise_
+* ``bench_reload_modes``: vLLM's own in-process reload of the same tensors (``initialize_layerwise_
   reload``, ``model.load_weights`` once with every tensor, or once per bucket, or once per
   tensor, ``finalize_layerwise_reload``), timed inside the worker. The tensors are generated
   here from the same seed as the trainer's, so they are the same values.
-* ``bench_zmq_sink``: the raw pyzmq ceiling: receive the same bytes in the same frame sizes
-  (``copy=False``) in this worker process, under the CPU backend's pinning, as refit's
-  receiver does; the trainer times first send to the worker's one-byte answer.
+* ``bench_zmq_sink`` (inherited from ``refit.bench_vllm_worker``): the raw pyzmq ceiling:
+  receive the same bytes in the same frame sizes (``copy=False``) in this worker process, with
+  the ZMQ I/O thread placed as refit's receiver places its own; the trainer times first send to
+  the worker's one-byte answer.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from refit.adapters.vllm import RefitWorkerExtension
+from refit.bench_vllm_worker import BenchExtension as PackageBench
 
 
 def bench_state(spec: list[tuple[str, list[int]]], seed: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
@@ -26,16 +27,19 @@ def bench_state(spec: list[tuple[str, list[int]]], seed: int, dtype: torch.dtype
     return {name: (0.02 * torch.randn(shape, generator=gen)).to(dtype) for name, shape in spec}
 
 
-class BenchExtension(RefitWorkerExtension):
-    def bench_reload(self, spec: list[tuple[str, list[int]]], seed: int, mode: str, bucket_bytes: int) -> dict[str, Any]:
+class BenchExtension(PackageBench):
+    """``refit bench --engine vllm``'s worker extension (refit's own plus the raw pyzmq sink)
+    with this script's baselines."""
+
+    def bench_reload_modes(self, spec: list[tuple[str, list[int]]], seed: int, mode: str, bucket_bytes: int) -> dict[str, Any]:
         """Seconds of one reload of the seeded state by vLLM's own path; ``mode``: ``all`` (one
         ``load_weights`` call), ``bucket`` (one per ``bucket_bytes`` of tensors), ``tensor``."""
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 
-        state = getattr(self, "_bench_state", None)
+        state = getattr(self, "_script_state", None)
         if state is None or getattr(self, "_bench_seed", None) != seed:
-            state = self._bench_state = bench_state(spec, seed)
+            state = self._script_state = bench_state(spec, seed)
             self._bench_seed = seed
         items = list(state.items())
         groups: list[list[tuple[str, torch.Tensor]]] = []
@@ -69,9 +73,9 @@ class BenchExtension(RefitWorkerExtension):
         from refit import Refitter
         from refit.transports.local import LocalSender
 
-        state = getattr(self, "_bench_state", None)
+        state = getattr(self, "_script_state", None)
         if state is None or getattr(self, "_bench_seed", None) != seed:
-            state = self._bench_state = bench_state(spec, seed)
+            state = self._script_state = bench_state(spec, seed)
             self._bench_seed = seed
         loader = self._refit_loader()
         loader.buckets_stay = False
@@ -87,7 +91,7 @@ class BenchExtension(RefitWorkerExtension):
 
         out = {}
         for name, call in (
-            ("reload", lambda: self.bench_reload(spec, seed, "all", bucket_bytes)),
+            ("reload", lambda: self.bench_reload_modes(spec, seed, "all", bucket_bytes)),
             ("refit", lambda: self.bench_refit_local(spec, seed, bucket_bytes)),
         ):
             prof = cProfile.Profile()
@@ -102,31 +106,6 @@ class BenchExtension(RefitWorkerExtension):
     def bench_threads(self) -> dict[str, Any]:
         """The worker's torch threads (vLLM's CPU backend binds them at start)."""
         return {"threads": torch.get_num_threads()}
-
-    def bench_zmq_bind(self) -> dict[str, Any]:
-        import zmq
-
-        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PAIR)
-        sock.setsockopt(zmq.LINGER, 0)
-        port = sock.bind_to_random_port("tcp://127.0.0.1")
-        self._bench_sock = sock
-        return {"address": f"tcp://127.0.0.1:{port}"}
-
-    def bench_zmq_sink(self, frames: int) -> dict[str, Any]:
-        """Receive ``frames`` frames zero-copy, keep them until the last arrived, answer (the
-        first worker only: the trainer connects to it)."""
-        sock = self._bench_sock
-        if getattr(self, "rank", 0) != 0:
-            return {"bytes": 0, "after_first": 0.0}
-        held = []
-        t0 = 0.0
-        for i in range(frames):
-            held.append(sock.recv(copy=False))
-            if i == 0:
-                t0 = time.perf_counter()
-        sock.send(b"k")
-        nbytes = sum(len(f.buffer) for f in held)
-        return {"bytes": nbytes, "after_first": time.perf_counter() - t0}
 
     def bench_copied(self) -> dict[str, Any]:
         """Bytes refit's loader copied out of reused buckets so far (vllm_load)."""

@@ -42,9 +42,9 @@ def _sink(transport: str, spec: dict[str, tuple[tuple[int, ...], str]], device: 
             if cmd[0] == "push":
                 rx.receive(timeout=600)
                 continue
-            while True:  # a raw round: frames until an empty one, then ack
-                ident, data = raw.recv_multipart(copy=False)
-                if len(data.buffer) == 0:
+            while True:  # a raw round: messages until an empty one, then ack
+                ident, *data = raw.recv_multipart(copy=False)
+                if len(data[0].buffer) == 0:
                     raw.send_multipart([ident.bytes, b"ok"])
                     break
     rx.close()
@@ -52,8 +52,11 @@ def _sink(transport: str, spec: dict[str, tuple[tuple[int, ...], str]], device: 
 
 
 def raw_zmq_seconds(address: str, buckets: list[memoryview], rounds: int) -> float:
-    """Best time to send ``buckets`` zero-copy over one socket and get one ack back."""
+    """Best time to send ``buckets`` zero-copy over one socket, each one message in the frames
+    refit's ``zmq`` transport would send it in, and get one ack back."""
     import zmq
+
+    from refit.transports.zmq import split_frames
 
     sock: Any = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -62,7 +65,7 @@ def raw_zmq_seconds(address: str, buckets: list[memoryview], rounds: int) -> flo
     for _ in range(rounds):
         t0 = time.perf_counter()
         for b in buckets:
-            sock.send(b, copy=False)
+            sock.send_multipart(split_frames(b), copy=False)
         sock.send(b"")
         sock.recv()
         times.append(time.perf_counter() - t0)

@@ -93,25 +93,29 @@ def write_model_dir(shape_arg: str, shape: ModelShape, where: Path) -> str:
     return str(where)
 
 
-def raw_zmq(llm: Any, flat: torch.Tensor, frame: int, timeout: float) -> float:
-    """Seconds to move ``flat`` in ``frame``-byte frames into the (first) worker, zero-copy,
-    until its one-byte answer."""
+def raw_zmq(llm: Any, flat: torch.Tensor, bucket_bytes: int, timeout: float) -> float:
+    """Seconds to move ``flat`` into the (first) worker as refit's ``zmq`` transport lays it out
+    (one message per ``bucket_bytes``, in its default frames), zero-copy, until its one-byte
+    answer."""
     import zmq
+
+    from refit.transports.zmq import split_frames
 
     address = llm.collective_rpc("bench_zmq_bind")[0]["address"]
     sock: Any = zmq.Context.instance().socket(zmq.PAIR)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(address)
     mem = host_bytes(flat)
-    frames = [mem[o : o + frame] for o in range(0, len(mem), frame)]
+    messages = [split_frames(mem[b : b + bucket_bytes]) for b in range(0, len(mem), bucket_bytes)]
+    frames = sum(len(m) for m in messages)
     reply: list[Any] = []
-    sink = threading.Thread(target=lambda: reply.append(llm.collective_rpc("bench_zmq_sink", args=(len(frames), timeout))[0]), daemon=True)
+    sink = threading.Thread(target=lambda: reply.append(llm.collective_rpc("bench_zmq_sink", args=(frames, timeout))[0]), daemon=True)
     sink.start()
     time.sleep(0.3)  # the worker is in recv: the RPC's own start is not the transport's cost
     try:
         t0 = time.perf_counter()
-        for f in frames:
-            sock.send(f, copy=False)
+        for m in messages:
+            sock.send_multipart(m, copy=False)
         if not sock.poll(int(timeout * 1000)):
             raise RefitError(f"bench: the worker did not answer the raw pyzmq frames within {timeout} s")
         sock.recv()

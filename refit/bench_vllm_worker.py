@@ -7,7 +7,8 @@ baselines a push is compared with, measured inside the vLLM worker process.
   same shape and seed as the trainer's (:func:`refit.shapes.make_state`), so they are the same
   values, and they are made before the clock starts.
 * ``bench_zmq_bind`` / ``bench_zmq_sink``: the raw pyzmq ceiling into this process: the same
-  bytes in the same frame sizes, received zero-copy and held until the last one arrived.
+  bytes in the same frame sizes, received zero-copy and released one by one, on a
+  ZMQ I/O thread placed as refit's receiver places its own (``io_cpus="auto"``).
 
 Start the engine with ``worker_extension_cls=EXTENSION`` (this module's class); pushes then go
 through refit's own extension methods, which this class inherits.
@@ -32,6 +33,7 @@ class BenchExtension(RefitWorkerExtension):
     _bench_key: Any = None
     _bench_weights: dict[str, torch.Tensor]
     _bench_sock: Any = None
+    _bench_ctx: Any = None
 
     def _bench_state(self, shape: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
         key = (tuple(sorted((k, str(v)) for k, v in shape.items())), seed)
@@ -66,27 +68,32 @@ class BenchExtension(RefitWorkerExtension):
         """Bind a PAIR socket on a free loopback port for the raw ceiling; returns its address."""
         import zmq
 
-        sock: Any = zmq.Context.instance().socket(zmq.PAIR)
+        from refit.transports.io_threads import io_context, io_cpus
+
+        # the I/O thread runs where refit's zmq receiver puts its own (``io_cpus="auto"``)
+        cpus = io_cpus("auto")
+        self._bench_ctx = io_context(cpus) if cpus else None
+        sock: Any = (self._bench_ctx or zmq.Context.instance()).socket(zmq.PAIR)
         sock.setsockopt(zmq.LINGER, 0)
         port = sock.bind_to_random_port("tcp://127.0.0.1")
         self._bench_sock = sock
         return {"address": f"tcp://127.0.0.1:{port}"}
 
     def bench_zmq_sink(self, frames: int, timeout: float) -> dict[str, Any]:
-        """Receive ``frames`` frames zero-copy (each wait at most ``timeout`` s), keep them until
-        the last arrived, answer one byte (the first worker only: the trainer connects to it)."""
+        """Receive ``frames`` frames zero-copy (each wait at most ``timeout`` s) and release each
+        at once, then answer one byte (the first worker only: the trainer connects to it)."""
         import zmq
 
         sock = self._bench_sock
         if getattr(self, "rank", 0) != 0:
             return {"bytes": 0}
-        held: list[Any] = []
+        got = 0
         for _ in range(frames):
             if not sock.poll(int(timeout * 1000), zmq.POLLIN):  # a frame or the timeout
-                return {"bytes": sum(len(f.buffer) for f in held), "error": f"no frame within {timeout} s"}
-            held.append(sock.recv(copy=False))
+                return {"bytes": got, "error": f"no frame within {timeout} s"}
+            got += len(sock.recv(copy=False).buffer)  # released at once, as a push releases applied buckets
         sock.send(b"k")
-        return {"bytes": sum(len(f.buffer) for f in held)}
+        return {"bytes": got}
 
     def bench_zmq_close(self) -> dict[str, Any]:
         """Close the raw ceiling's socket."""
@@ -94,4 +101,8 @@ class BenchExtension(RefitWorkerExtension):
         if sock is not None:
             sock.close()
             self._bench_sock = None
+        ctx = getattr(self, "_bench_ctx", None)
+        if ctx is not None:
+            ctx.term()
+            self._bench_ctx = None
         return {}

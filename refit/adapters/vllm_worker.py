@@ -12,6 +12,7 @@ raised inside a multi-worker RPC was seen to put later replies out of step. The 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -193,10 +194,15 @@ class RefitWorkerExtension:
 
     @_replies
     def refit_status(self) -> dict[str, Any]:
-        """This worker's committed version, whether it holds a half-applied push, and the last
-        error one of its refit calls raised (``""``: none)."""
+        """This worker's committed version, whether it holds a half-applied push, the last error
+        one of its refit calls raised (``""``: none), the CPUs its thread may run on (vLLM's CPU
+        backend pins it) and those of its receiver's ZMQ I/O thread (None: the same)."""
         loader = self._refit_loader()
-        return {"version": loader.version, "torn": loader.torn, "last_error": self._refit_last_error}
+        server = getattr(getattr(self, "_refit_rx", None), "server", None)
+        io = getattr(server, "io_cpus", None)
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        io_cpus = None if io is None else sorted(io)
+        return {"version": loader.version, "torn": loader.torn, "last_error": self._refit_last_error, "cpus": cpus, "io_cpus": io_cpus}
 
     @_replies
     def refit_digest(self) -> dict[str, Any]:

@@ -31,6 +31,8 @@ from refit.auth import DOMAIN, CurveAuth, check_auth
 from refit.errors import ResolveError, TransportError, WireError, problem_list
 from refit.load import Loader
 from refit.report import RefitReport
+from refit.transports.io_threads import IoCpus, io_context
+from refit.transports.io_threads import io_cpus as io_thread_cpus
 from refit.transports.peers import poll_ms
 from refit.wire import (
     Abort,
@@ -68,7 +70,9 @@ def _deadline(timeout: float | None) -> float | None:
 
 # ---------------------------------------------------------------- receiver side
 
-BucketSource = Callable[[Bucket, Frames], torch.Tensor]
+BucketSource = Callable[[Bucket, Frames], tuple[torch.Tensor, bool]]
+"""A bucket's bytes from its header and frames, and whether they sit in a reused staging buffer
+(so that whatever the loader leaves holding views of them must be copied out first)."""
 
 
 CLOSE_LINGER_MS = 500  # how long close() lets already-sent replies reach their sender
@@ -83,18 +87,27 @@ class ControlServer:
         name: this receiver's name in reports and errors.
         auth: CURVE keys (:mod:`refit.auth`): only senders holding the expected client key are
             heard, and everything on the socket is encrypted. Default: unauthenticated.
+        io_cpus: where the socket's ZMQ I/O thread runs (:mod:`refit.transports.io_threads`);
+            default ``"inherit"``: the calling thread's CPUs.
     """
 
     def __init__(
-        self, address: str = DEFAULT_ADDRESS, *, name: str = "receiver", ctx: zmq.Context[Any] | None = None, auth: CurveAuth | None = None
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        name: str = "receiver",
+        auth: CurveAuth | None = None,
+        io_cpus: IoCpus = "inherit",
     ) -> None:
         self.name = name
         auth = check_auth(auth)
         self._zap: Any = None
-        self._own_ctx = auth is not None and ctx is None
-        # ZAP handlers are per context (one per process-wide instance): an authenticated
-        # receiver gets its own context, so receivers with different keys can share a process
-        self.ctx = zmq.Context() if self._own_ctx else (ctx or zmq.Context.instance())
+        # ZAP handlers and I/O thread affinity are per context: an authenticated receiver, or one
+        # whose I/O thread runs elsewhere, gets its own context (the process-wide one may run already)
+        self.io_cpus = io_thread_cpus(io_cpus)  # None: the I/O thread runs where this thread may
+        own = io_context(self.io_cpus) if self.io_cpus else (zmq.Context() if auth is not None else None)
+        self._own_ctx = own is not None
+        self.ctx = own or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -200,15 +213,13 @@ class ControlServer:
         *,
         on_hello: Callable[[Hello], None] | None = None,
         after_apply: Callable[[Bucket], None] | None = None,
-        persistent: bool = False,
         push_timeout: float | None = None,
     ) -> RefitReport | None:
         """Run one message-driven push (buckets arrive as Bucket messages) through ``loader``.
 
         See ReceiverTransport.receive. ``on_hello(hello)`` runs the transport's set-up before
         the handshake is answered; ``after_apply(msg)`` runs between applying a bucket and
-        acknowledging it (e.g. to record a GPU event: the ack releases the sender's buffer);
-        ``persistent`` says the buckets ``bucket_source`` returns are reused staging buffers.
+        acknowledging it (e.g. to record a GPU event: the ack releases the sender's buffer).
         ``timeout`` bounds the wait for a push to begin; ``push_timeout`` (default: ``timeout``)
         every wait once it has begun.
         Transports whose bytes do not travel as messages (a collective broadcast) compose
@@ -223,7 +234,8 @@ class ControlServer:
             while True:
                 msg, frames, hello = self._in_push(loader, hello, in_push, f"buckets, bucket {next_bucket}")
                 if isinstance(msg, Bucket):
-                    loader.apply(msg.index, bucket_source(msg, frames), persistent=persistent, checksum=msg.checksum)
+                    data, persistent = bucket_source(msg, frames)
+                    loader.apply(msg.index, data, persistent=persistent, checksum=msg.checksum)
                     if after_apply is not None:
                         after_apply(msg)
                     next_bucket = msg.index + 1

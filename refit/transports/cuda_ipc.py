@@ -338,7 +338,7 @@ class CudaIpcReceiver(ReceiverTransport):
             raise TransportError(f"{self.name}: the sender asked for event sync but this set has no events")
         self._current = (mapped, offer)
 
-    def _bucket(self, msg: Bucket, frames: Frames) -> torch.Tensor:
+    def _bucket(self, msg: Bucket, frames: Frames) -> tuple[torch.Tensor, bool]:
         if self._current is None:
             raise WireError(f"{self.name}: bucket {msg.index} before a handshake")
         mapped, offer = self._current
@@ -348,7 +348,7 @@ class CudaIpcReceiver(ReceiverTransport):
             raise WireError(f"{self.name}: bucket {msg.index} in slot {msg.slot} ({msg.nbytes} bytes) is outside {mapped.count} x {mapped.capacity}")
         if offer.sync is Sync.EVENT:
             torch.cuda.current_stream(self.device).wait_event(mapped.events[msg.slot])
-        return mapped.tensors[msg.slot][: msg.nbytes]
+        return mapped.tensors[msg.slot][: msg.nbytes], True  # opened once per buffer set, reused across pushes
 
     def _after_apply(self, msg: Bucket) -> None:
         """Before the ack releases the sender's buffer: the copies out of it are only queued on
@@ -365,10 +365,7 @@ class CudaIpcReceiver(ReceiverTransport):
 
     @override
     def receive(self, loader: Loader, timeout: float | None, *, push_timeout: float | None = None) -> RefitReport | None:
-        # opened once per buffer set and reused across pushes: persistent
-        return self.server.receive(
-            loader, timeout, self._bucket, on_hello=self._on_hello, after_apply=self._after_apply, persistent=True, push_timeout=push_timeout
-        )
+        return self.server.receive(loader, timeout, self._bucket, on_hello=self._on_hello, after_apply=self._after_apply, push_timeout=push_timeout)
 
     @override
     def close(self) -> None:
@@ -379,4 +376,3 @@ class CudaIpcReceiver(ReceiverTransport):
         self._sets.clear()
         self.server.close()
         self._events = []
-

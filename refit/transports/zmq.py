@@ -6,9 +6,15 @@ header and the bytes as one multipart message with ``copy=False``, to every rece
 reuses the same buffer). A buffer is reused only after every receiver acknowledged the bucket
 in it, so at most ``num_buffers`` buckets are in flight.
 
-The receiver takes the bytes without a copy (a tensor view on ZMQ's frame) and applies them
-straight into CPU targets; for CUDA targets it first lands them in a pinned staging bucket
-(``recv``'d frame -> pinned buffer) so the host-to-device copies are non-blocking.
+The bytes travel as frames of at most ``frame_bytes`` (8 MiB by default): ZMQ allocates a new
+message for every frame it receives, and the C allocator serves requests of up to 32 MiB from
+memory it keeps and reuses, but maps larger ones fresh from the kernel, so a bucket-sized frame
+costs the receiver a page fault and a zeroed page for every 4 KiB, each push again (on the CPU
+box, 1.2 CPU-seconds per GB received: more than vLLM's own load of the same bytes; see
+docs/benchmarks.md, issue 14). The receiver copies the frames of a bucket into a staging
+bucket it reuses (pinned for CUDA targets, so the host-to-device copies are non-blocking) and
+applies from there. A bucket sent as one frame (``frame_bytes`` >= the bucket) is applied from
+a tensor view of ZMQ's frame, without a copy.
 
 Why ZMQ: it works across hosts with no NCCL, for CPU engines, and for debugging; it keeps one
 connection per receiver across pushes, so 200 pushes open no new file descriptors. Rejected:
@@ -18,21 +24,32 @@ one message per tensor (per-message overhead dominates with thousands of small t
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 import torch
 from typing_extensions import override
 
 from refit.auth import CurveAuth
-from refit.errors import WireError
+from refit.errors import TransportError, WireError
 from refit.load import Loader
 from refit.meta import Manifest
 from refit.pack import host_bytes
 from refit.report import RefitReport
 from refit.transports.base import ReceiverTransport, Sender
 from refit.transports.control import DEFAULT_ADDRESS, ControlServer, Frames
+from refit.transports.io_threads import IoCpus
 from refit.transports.peers import PeerGroup, Peers, peer_infos
 from refit.wire import Bucket, Fingerprints
+
+DEFAULT_FRAME_BYTES = 8 << 20  # under glibc's 32 MiB ceiling for memory it reuses (see the module doc)
+MIN_FRAME_BYTES = 4096
+MAX_FRAME_BYTES = 1 << 40
+
+
+def split_frames(mem: memoryview, frame_bytes: int = DEFAULT_FRAME_BYTES) -> list[memoryview]:
+    """``mem`` as the frames a bucket travels in: consecutive slices of at most ``frame_bytes``."""
+    return [mem[o : o + frame_bytes] for o in range(0, len(mem), frame_bytes)]
 
 
 def host_buffer(nbytes: int) -> torch.Tensor:
@@ -49,8 +66,14 @@ class ZmqSender(Sender):
         auth: CURVE keys (:class:`refit.auth.CurveAuth`) when the receivers require them.
     """
 
-    def __init__(self, peers: Peers = (), *, timeout: float = 120.0, auth: CurveAuth | None = None) -> None:
+    def __init__(self, peers: Peers = (), *, timeout: float = 120.0, auth: CurveAuth | None = None, frame_bytes: int = DEFAULT_FRAME_BYTES) -> None:
+        if isinstance(frame_bytes, bool) or not isinstance(frame_bytes, int) or not MIN_FRAME_BYTES <= frame_bytes <= MAX_FRAME_BYTES:
+            raise TransportError(
+                f"frame_bytes must be an int in [{MIN_FRAME_BYTES}, {MAX_FRAME_BYTES}], got {frame_bytes!r:.80} "
+                f"(default {DEFAULT_FRAME_BYTES}: frames over 32 MiB cost the receiver fresh pages on every push)"
+            )
         self.group = PeerGroup([i["address"] for i in peer_infos(peers, "zmq")], timeout=timeout, auth=auth)
+        self.frame_bytes = frame_bytes
         self._bufs: list[torch.Tensor] = []
         self._num_buffers = 2
 
@@ -76,7 +99,7 @@ class ZmqSender(Sender):
         buf = self._bufs[slot]
         if buf.is_pinned():  # pack used non-blocking device-to-host copies
             torch.cuda.current_stream().synchronize()
-        self.group.send_bucket(index, nbytes, slot, host_bytes(buf)[:nbytes], checksum=checksum)
+        self.group.send_bucket(index, nbytes, slot, *split_frames(host_bytes(buf)[:nbytes], self.frame_bytes), checksum=checksum)
 
     @override
     def finish(self) -> list[RefitReport]:
@@ -111,10 +134,23 @@ class ZmqReceiver(ReceiverTransport):
             (apply straight from the received frame).
         auth: CURVE keys (:class:`refit.auth.CurveAuth`): only senders holding the expected key
             are heard. Default: unauthenticated (see docs/reliability.md).
+        io_cpus: the CPUs of the ZMQ I/O thread that receives the buckets: ``"auto"`` (default)
+            gives it the CPUs this process may use besides the ones the calling thread is pinned
+            to (a vLLM CPU worker's compute core), so receiving bucket k+1 overlaps applying
+            bucket k; ``"inherit"``, or a collection of CPU ids
+            (:mod:`refit.transports.io_threads`).
     """
 
-    def __init__(self, *, address: str = DEFAULT_ADDRESS, name: str = "receiver", device: str = "cpu", auth: CurveAuth | None = None) -> None:
-        self.server = ControlServer(address, name=name, auth=auth)
+    def __init__(
+        self,
+        *,
+        address: str = DEFAULT_ADDRESS,
+        name: str = "receiver",
+        device: str = "cpu",
+        auth: CurveAuth | None = None,
+        io_cpus: IoCpus = "auto",
+    ) -> None:
+        self.server = ControlServer(address, name=name, auth=auth, io_cpus=io_cpus)
         self.name = name
         self.device = torch.device(device)
         self._staging: list[torch.Tensor] = []
@@ -123,23 +159,26 @@ class ZmqReceiver(ReceiverTransport):
     def info(self) -> dict[str, Any]:
         return {"address": self.server.address}
 
-    def _bucket(self, msg: Bucket, frames: Frames) -> torch.Tensor:
-        if len(frames) != 1 or len(frames[0].buffer) != msg.nbytes:
-            got = len(frames[0].buffer) if frames else 0
-            raise WireError(f"{self.name}: bucket {msg.index} header says {msg.nbytes} bytes, frame has {got}")
+    def _bucket(self, msg: Bucket, frames: Frames) -> tuple[torch.Tensor, bool]:
+        """The bucket's bytes, and whether they sit in a reused staging buffer."""
+        sizes = [len(f.buffer) for f in frames]
+        if sum(sizes) != msg.nbytes or (msg.nbytes and 0 in sizes):
+            raise WireError(f"{self.name}: bucket {msg.index} header says {msg.nbytes} bytes, its {len(sizes)} frames hold {sum(sizes)}")
         if msg.nbytes == 0:
-            return torch.empty(0, dtype=torch.uint8)
-        data = torch.frombuffer(frames[0].buffer, dtype=torch.uint8)
-        if self.device.type == "cpu":
-            return data  # zero-copy view of ZMQ's frame; valid until the frame is released
+            return torch.empty(0, dtype=torch.uint8), False
+        if len(frames) == 1 and self.device.type == "cpu":
+            return torch.frombuffer(frames[0].buffer, dtype=torch.uint8), False  # a view of ZMQ's frame, alive while views of it are
         slot = msg.slot % 64
         while len(self._staging) <= slot:
             self._staging.append(host_buffer(0))
         if self._staging[slot].numel() < msg.nbytes:
             self._staging[slot] = host_buffer(msg.nbytes)
         staged = self._staging[slot][: msg.nbytes]
-        staged.copy_(data)
-        return staged
+        offset = 0
+        for frame, size in zip(frames, sizes, strict=True):
+            ctypes.memmove(staged.data_ptr() + offset, torch.frombuffer(frame.buffer, dtype=torch.uint8).data_ptr(), size)
+            offset += size
+        return staged, True
 
     @override
     def receive(self, loader: Loader, timeout: float | None, *, push_timeout: float | None = None) -> RefitReport | None:
@@ -155,4 +194,3 @@ class ZmqReceiver(ReceiverTransport):
     @override
     def close(self) -> None:
         self.server.close()
-

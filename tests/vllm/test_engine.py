@@ -180,18 +180,44 @@ def test_partial_model_push_of_whole_layers(engine):
     assert vllm_greedy(llm) == hf_greedy(hf)
 
 
-def test_layer_spanning_a_reused_bucket_loads_exactly(engine):
-    # One shared-memory staging buffer of 64 KiB: q_proj (64 KiB), k_proj and v_proj of a layer
-    # arrive in different buckets, each written into the same buffer. vLLM's layer-wise reload
+@pytest.mark.parametrize(("transport", "options"), [("cuda_ipc", {}), ("zmq", {"frame_bytes": 4096})])
+def test_layer_spanning_a_reused_bucket_loads_exactly(engine, transport, options):
+    # One staging buffer of 64 KiB: q_proj (64 KiB), k_proj and v_proj of a layer arrive in
+    # different buckets, each written into the same buffer (shared memory; over zmq, the worker's
+    # staging bucket that a bucket's 4 KiB frames are copied into). vLLM's layer-wise reload
     # keeps views of a layer's tensors until its last one arrived, so refit copies the views it
     # still holds before the buffer is reused (vllm_load); without that copy, q_proj would load
-    # k_proj's bytes. (Over zmq each bucket is a fresh frame and nothing needs copying.)
+    # k_proj's bytes. (A zmq bucket of one frame is applied from that frame, which its views keep
+    # alive: nothing needs copying, see test_push_over_zmq_one_line.)
+    pytest.importorskip("zmq")
     llm, handle, model_dir = engine
     hf, state = hf_state(model_dir, seed=8)
-    with Refitter("cuda_ipc", engine=handle, bucket_bytes=1 << 16, num_buffers=1, timeout=60) as refitter:
+    with Refitter(transport, engine=handle, bucket_bytes=1 << 16, num_buffers=1, timeout=60, **options) as refitter:
         report = refitter.push(state)
     assert report.buckets > 10 and [r.loaded for r in report.receivers] == [len(state)]
     assert vllm_greedy(llm) == hf_greedy(hf)
+    handle.open("zmq", {})  # Refitter.close() closed the workers' receivers; rejoin for later tests
+
+
+def test_the_worker_receives_over_zmq_off_its_compute_core(engine):
+    """vLLM's CPU backend pins each worker's thread to its compute core(s); refit's zmq receiver
+    opened there runs its I/O thread on the CPUs the worker is not pinned to, so receiving bucket
+    k+1 overlaps applying bucket k (issue 14). A push then still generates like HF."""
+    pytest.importorskip("zmq")
+    from refit.transports.io_threads import usable_cpus  # the engine's worker runs on this machine
+
+    llm, handle, model_dir = engine
+    handle.open("zmq", {})
+    got = handle.rpc("refit_status")[0]
+    others = sorted(usable_cpus() - set(got["cpus"]))
+    if not others:
+        pytest.skip(f"the worker is not pinned (it may use every CPU: {got['cpus']}): nothing to place elsewhere")
+    assert got["io_cpus"] == others, got  # tests/test_io_threads.py: the I/O thread runs on exactly these
+    hf, state = hf_state(model_dir, seed=9)
+    with Refitter("zmq", engine=handle, bucket_bytes=1 << 18, timeout=60) as refitter:
+        refitter.push(state)
+    assert vllm_greedy(llm) == hf_greedy(hf)
+    handle.open("zmq", {})
 
 
 def test_versions_continue_after_the_engine_and_status_reports_them(engine):
