@@ -51,12 +51,12 @@ def _sink(transport: str, spec: dict[str, tuple[tuple[int, ...], str]], device: 
     raw.close()
 
 
-def raw_zmq_seconds(address: str, buckets: list[memoryview], rounds: int) -> float:
+def raw_zmq_seconds(address: str, buckets: list[memoryview], rounds: int, frame_bytes: int | None = None) -> float:
     """Best time to send ``buckets`` zero-copy over one socket, each one message in the frames
-    refit's ``zmq`` transport would send it in, and get one ack back."""
+    refit's ``zmq`` transport would send it in (``frame_bytes``: its default), and get one ack back."""
     import zmq
 
-    from refit.transports.zmq import split_frames
+    from refit.transports.zmq import DEFAULT_FRAME_BYTES, split_frames
 
     sock: Any = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -65,7 +65,7 @@ def raw_zmq_seconds(address: str, buckets: list[memoryview], rounds: int) -> flo
     for _ in range(rounds):
         t0 = time.perf_counter()
         for b in buckets:
-            sock.send_multipart(split_frames(b), copy=False)
+            sock.send_multipart(split_frames(b, frame_bytes or DEFAULT_FRAME_BYTES), copy=False)
         sock.send(b"")
         sock.recv()
         times.append(time.perf_counter() - t0)
@@ -89,16 +89,19 @@ def bench_zmq_state(
     repeat: int,
     tick: Tick | None = None,
     bucket: BucketProgress | None = None,
+    frame_bytes: int | None = None,
 ) -> list[Row]:
-    """:func:`bench_zmq` of a given state."""
+    """:func:`bench_zmq` of a given state (``frame_bytes``: the zmq transport's frame size, for
+    both the push and the ceiling; default: the transport's)."""
     both, nbytes = payload(state, scales)
 
     def ceiling(raw_addr: str, size: int) -> float:
         view = host_bytes(torch.ones(size, dtype=torch.uint8))
         full, rest = divmod(nbytes, size)
-        return raw_zmq_seconds(raw_addr, [view] * full + ([view[:rest]] if rest else []), repeat + 1)
+        return raw_zmq_seconds(raw_addr, [view] * full + ([view[:rest]] if rest else []), repeat + 1, frame_bytes)
 
-    measured = _push_to_process("zmq", state, scales, device, configs, repeat, ceiling, True, tick, bucket)
+    options = {} if frame_bytes is None else {"frame_bytes": frame_bytes}
+    measured = _push_to_process("zmq", state, scales, device, configs, repeat, ceiling, True, tick, bucket, options)
     return [make_row("zmq", label, device, nbytes, len(both), s, c, "raw pyzmq zero-copy", **f) for s, c, f in measured]
 
 
@@ -143,6 +146,7 @@ def _push_to_process(
     raw: bool,
     tick: Tick | None,
     bucket: BucketProgress | None,
+    options: dict[str, Any] | None = None,
 ) -> list[tuple[float, float, dict[str, Any]]]:
     """Per config: best push seconds of ``state`` + ``scales`` into one receiver process, the
     ceiling at its bucket size measured just before it (``ceiling(raw pyzmq address of that
@@ -163,7 +167,7 @@ def _push_to_process(
                 cmds.put(("raw", repeat + 1))
             ceiling_s = ceiling(raw_addr, bucket_bytes)
             cmds.put(("push", repeat + 1))
-            with Refitter(transport, peers=[info], bucket_bytes=bucket_bytes, num_buffers=nb, timeout=600, progress=bucket) as r:
+            with Refitter(transport, peers=[info], bucket_bytes=bucket_bytes, num_buffers=nb, timeout=600, progress=bucket, **(options or {})) as r:
                 with PeakMemory(device) as mem:
                     seconds, report = best_of(partial(r.push, state, scales), repeat, device)
                 measured.append((seconds, ceiling_s, {**report_fields(r, report), **mem.fields()}))
