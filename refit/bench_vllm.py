@@ -8,7 +8,7 @@ and ``(bucket_bytes, num_buffers)``: the best of ``repeat`` pushes of the seeded
 after a warm-up, with the trainer's and the worker's stage times. Once per run: vLLM's in-process
 reload (``initialize_layerwise_reload``, one ``load_weights``, ``finalize_layerwise_reload``) of
 the same values, best of ``repeat``; per bucket size, raw pyzmq into the worker (same bytes, same
-frame sizes, zero-copy) for ``zmq``, one ``copy_`` of the bytes for ``cuda_ipc`` (shared memory
+buckets in refit's frames, zero-copy) for ``zmq``, one ``copy_`` of the bytes for ``cuda_ipc`` (shared memory
 on the CPU); no raw figure for ``nccl`` (gloo on the CPU). Ratios: ``vs_reload`` = reload / push
 (1.0: as fast as vLLM loading the tensors in-process), ``ratio`` = push GB/s / raw GB/s, and
 ``overhead`` = push / max(reload, raw) (issue 14's figure). Scales are not pushed: a bf16

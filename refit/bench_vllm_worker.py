@@ -7,7 +7,7 @@ baselines a push is compared with, measured inside the vLLM worker process.
   same shape and seed as the trainer's (:func:`refit.shapes.make_state`), so they are the same
   values, and they are made before the clock starts.
 * ``bench_zmq_bind`` / ``bench_zmq_sink``: the raw pyzmq ceiling into this process: the same
-  bytes in the same frame sizes, received zero-copy and released one by one, on a
+  bytes in refit's frames, received zero-copy and released one by one, on a
   ZMQ I/O thread placed as refit's receiver places its own (``io_cpus="auto"``).
 
 Start the engine with ``worker_extension_cls=EXTENSION`` (this module's class); pushes then go
