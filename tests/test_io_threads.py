@@ -4,6 +4,8 @@ creating thread is pinned to (a vLLM CPU worker's compute core), so receiving ov
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -88,10 +90,17 @@ def test_policies() -> None:
             io_cpus(bad)  # type: ignore[arg-type]
 
 
+def around() -> set[int]:
+    """The CPUs ``"auto"`` draws from: the parent process's, within this process's cpuset."""
+    return os.sched_getaffinity(os.getppid()) & usable_cpus()
+
+
 @TWO_CPUS
 @pytest.mark.integration
 def test_auto_gives_a_pinned_thread_s_io_thread_the_other_cpus() -> None:
     first = min(usable_cpus())
+    if around() - {first} != usable_cpus() - {first}:
+        pytest.skip(f"this test's parent process is pinned ({sorted(around())})")
     assert pinned({first}, lambda: io_cpus("auto")) == frozenset(usable_cpus() - {first})
 
     def make() -> tuple[Any, Any]:
@@ -114,6 +123,8 @@ def test_a_zmq_receiver_made_on_a_pinned_thread_receives_off_that_cpu() -> None:
     """The receiver a vLLM worker opens on its pinned thread: its I/O thread runs elsewhere, and
     a push lands bit for bit (also with ``io_cpus="inherit"``: the process-wide context)."""
     first = min(usable_cpus())
+    if around() - {first} != usable_cpus() - {first}:
+        pytest.skip(f"this test's parent process is pinned ({sorted(around())})")
     target = {"w": torch.zeros(1 << 16), "b": torch.zeros(3)}
     for policy in ["auto", "inherit"]:
         make = partial(RefitReceiver, target, "zmq", io_cpus=policy, push_timeout=20)
@@ -132,3 +143,17 @@ def test_a_zmq_receiver_made_on_a_pinned_thread_receives_off_that_cpu() -> None:
             assert all(torch.equal(target[k], v) for k, v in state.items()) and rx.version >= 1
         finally:
             rx.close()
+
+
+@TWO_CPUS
+@pytest.mark.integration
+def test_auto_stays_inside_a_binding_around_the_whole_job() -> None:
+    """A job started under ``taskset -c <one CPU>``: its processes inherit the binding, and
+    ``"auto"`` in a grandchild finds no other CPU to use (it does not widen the user's binding)."""
+    first = min(usable_cpus())
+    probe = "from refit.transports.io_threads import io_cpus; print(io_cpus('auto'))"
+    chain = f"import subprocess, sys; sys.exit(subprocess.call([sys.executable, '-c', {probe!r}]))"
+    out = subprocess.run(
+        [sys.executable, "-c", chain], preexec_fn=lambda: os.sched_setaffinity(0, {first}), capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "None", out

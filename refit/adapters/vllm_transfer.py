@@ -48,7 +48,7 @@ import torch
 from typing_extensions import override
 from vllm.distributed.weight_transfer.base import WeightTransferEngine, WeightTransferInitInfo, WeightTransferUpdateInfo
 
-from refit.adapters.vllm_worker import buckets_stay, vllm_loader
+from refit.adapters.vllm_worker import buckets_stay, vllm_loader, worker_receiver_options
 from refit.errors import RefitError, TornStateError, TransportError
 from refit.options import check_options, check_timeout
 from refit.transports import load_transport
@@ -245,7 +245,7 @@ class RefitWeightTransferEngine(WeightTransferEngine[RefitInitInfo, RefitUpdateI
             )
         self.shutdown()
         rx_cls = load_transport(init_info.transport).receiver_class()
-        self._rx = rx_cls(name=self.name, address=init_info.addresses[self.index], **init_info.options)
+        self._rx = rx_cls(name=self.name, address=init_info.addresses[self.index], **worker_receiver_options(init_info.transport, init_info.options))
         self._stay = buckets_stay(init_info.transport, init_info.options)
         _ = self.loader
 

@@ -56,6 +56,17 @@ def vllm_loader(model: Any, vllm_config: Any, name: str) -> Any:
     return Loader(VllmResolver(model, vllm_config), name=name)
 
 
+def worker_receiver_options(transport: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The options a worker opens its receiver with: the caller's, and for ``zmq`` the I/O thread
+    off the worker's pinned CPUs unless the caller chose (``io_cpus="auto"``: vLLM's CPU backend
+    pins each worker's thread, and a thread it starts inherits the pin; see
+    :mod:`refit.transports.io_threads`)."""
+    out = dict(options or {})
+    if transport == "zmq":
+        out.setdefault("io_cpus", "auto")
+    return out
+
+
 def buckets_stay(transport: str, options: Mapping[str, Any] | None) -> bool:
     """Whether received buckets stay valid after they are applied, so vLLM may keep views of them
     without a copy (``vllm_load``): zmq on CPU hands the loader a view of each received frame, a
@@ -89,7 +100,7 @@ class RefitWorkerExtension:
     def refit_open(self, transport: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Join ``transport`` as a receiver; returns ``{"info": receiver.info()}``."""
         self.refit_close()
-        rx: ReceiverTransport = load_transport(transport).receiver_class()(name=self._refit_name(), **dict(options or {}))
+        rx: ReceiverTransport = load_transport(transport).receiver_class()(name=self._refit_name(), **worker_receiver_options(transport, options))
         self._refit_rx = rx
         self._refit_stay = buckets_stay(transport, options)
         self._refit_loader()

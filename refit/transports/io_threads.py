@@ -10,9 +10,11 @@ pinned ones, through libzmq's ``ZMQ_THREAD_AFFINITY_CPU_ADD``.
 
 Policies (``ZmqReceiver(io_cpus=...)``):
 
-* ``"auto"`` (default): when the calling thread is pinned to fewer CPUs than the process may
-  use (its cgroup's cpuset), the I/O thread gets the others; otherwise nothing changes.
-* ``"inherit"``: the I/O thread inherits the calling thread's affinity (ZMQ's own behaviour).
+* ``"inherit"`` (the default of a plain receiver): the I/O thread inherits the calling thread's
+  affinity (ZMQ's own behaviour; a process the user pinned stays where it was pinned).
+* ``"auto"`` (what refit's vLLM worker extension asks for): the CPUs the parent process may
+  use (so a ``taskset`` or cpuset around the whole job still holds), within this process's
+  cpuset, minus the ones the calling thread is pinned to; no change when that leaves none.
 * a collection of CPU ids: exactly those (each must be one this process may use).
 """
 
@@ -71,8 +73,11 @@ def io_cpus(policy: IoCpus) -> frozenset[int] | None:
             raise TransportError(f"io_cpus={policy!r}: use 'auto', 'inherit' or a collection of CPU ids")
         if not hasattr(os, "sched_getaffinity"):
             return None
-        mine = os.sched_getaffinity(0)
-        others = usable_cpus() - mine
+        try:
+            around = os.sched_getaffinity(os.getppid())
+        except OSError:  # no parent to ask (reaped, or another user's)
+            around = usable_cpus()
+        others = (around & usable_cpus()) - os.sched_getaffinity(0)
         return frozenset(others) if others else None
     try:
         cpus = frozenset(int(c) for c in policy)

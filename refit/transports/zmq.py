@@ -134,11 +134,11 @@ class ZmqReceiver(ReceiverTransport):
             (apply straight from the received frame).
         auth: CURVE keys (:class:`refit.auth.CurveAuth`): only senders holding the expected key
             are heard. Default: unauthenticated (see docs/reliability.md).
-        io_cpus: the CPUs of the ZMQ I/O thread that receives the buckets: ``"auto"`` (default)
-            gives it the CPUs this process may use besides the ones the calling thread is pinned
-            to (a vLLM CPU worker's compute core), so receiving bucket k+1 overlaps applying
-            bucket k; ``"inherit"``, or a collection of CPU ids
-            (:mod:`refit.transports.io_threads`).
+        io_cpus: the CPUs of the ZMQ I/O thread that receives the buckets: ``"inherit"``
+            (default: the calling thread's), ``"auto"`` (those around this process besides the
+            ones the calling thread is pinned to: what refit's vLLM worker extension asks for,
+            so that receiving bucket k+1 overlaps applying bucket k on a pinned CPU worker), or
+            a collection of CPU ids (:mod:`refit.transports.io_threads`).
     """
 
     def __init__(
@@ -148,7 +148,7 @@ class ZmqReceiver(ReceiverTransport):
         name: str = "receiver",
         device: str = "cpu",
         auth: CurveAuth | None = None,
-        io_cpus: IoCpus = "auto",
+        io_cpus: IoCpus = "inherit",
     ) -> None:
         self.server = ControlServer(address, name=name, auth=auth, io_cpus=io_cpus)
         self.name = name
