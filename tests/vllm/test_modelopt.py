@@ -5,9 +5,10 @@ quantizers on attention, amax calibrated by generating), receiving HF-semantic a
 What ModelOpt 0.47 does on vLLM 0.32's CPU backend: the linear layers get ``input_quantizer``
 / ``weight_quantizer`` and attention (``self_attn.attn``) gets ``k_bmm_quantizer`` /
 ``v_bmm_quantizer``; after calibration the input and K/V quantizers hold 0-d ``_amax`` buffers
-in the model dtype. The weight quantizers get none: the CPU backend hands linear weights to a
-prepacked GEMM and leaves an empty parameter, so there is nothing to calibrate (and so an HF
-``weight_quantizer._amax`` has no buffer here and is refused).
+in the model dtype. On a CPU with AVX-512 the weight quantizers get none: the CPU backend hands
+linear weights to a prepacked GEMM and leaves an empty parameter, so there is nothing to
+calibrate (and so an HF ``weight_quantizer._amax`` has no buffer there and is refused); on an
+AVX2 CPU the weights stay plain and ModelOpt calibrates their quantizers too.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from refit.adapters.vllm import VllmEngine, raise_errors  # noqa: E402
 from refit.demos.tiny_vllm import QWEN2, shutdown, start_engine, vllm_greedy, write_config  # noqa: E402
 
 from .conftest import read, refusal, refused  # noqa: E402
-from .fp8_engines import weights  # noqa: E402
+from .fp8_engines import has_avx512, weights  # noqa: E402
 
 HARNESS = "tests.vllm.harness.HarnessExtension"
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -76,7 +77,13 @@ def test_modelopt_installs_the_quantizers_refit_resolves(quantized: dict[str, An
     for i in range(cast(int, QWEN2["num_hidden_layers"])):
         for q in ("self_attn.attn.k_bmm_quantizer", "self_attn.attn.v_bmm_quantizer", "self_attn.qkv_proj.input_quantizer", "mlp.down_proj.input_quantizer"):
             assert f"model.layers.{i}.{q}._amax" in names
-    assert not any("weight_quantizer" in n for n in names)  # CPU: prepacked weights, nothing calibrated
+    calibrated_weights = {n for n in names if "weight_quantizer" in n}
+    if has_avx512():  # vLLM's CPU backend prepacks linear weights for oneDNN: nothing to calibrate
+        assert not calibrated_weights
+    else:  # AVX2 (seen on an AMD EPYC box): plain weights, so ModelOpt calibrates them too
+        for i in range(cast(int, QWEN2["num_hidden_layers"])):
+            for linear in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+                assert f"model.layers.{i}.{linear}.weight_quantizer._amax" in calibrated_weights
     assert all(v > 0 for v in quantized["amax"].values())
 
 
@@ -103,9 +110,12 @@ def test_fused_shards_land_as_their_max_and_targets_say_amax(quantized: dict[str
 
 
 def test_an_amax_without_its_buffer_refuses_the_whole_push(quantized: dict[str, Any]) -> None:
-    push = {**as_pushed(quantized["amax"]), "model.layers.0.self_attn.q_proj.weight_quantizer._amax": torch.tensor(0.5, dtype=torch.bfloat16)}
+    # a quantizer that holds no amax here: the weight quantizer where the CPU backend prepacks
+    # the weights (AVX-512), else the output quantizer (disabled in this FP8 config)
+    quantizer = next(q for q in ("weight_quantizer", "output_quantizer") if f"model.layers.0.self_attn.qkv_proj.{q}._amax" not in quantized["amax"])
+    push = {**as_pushed(quantized["amax"]), f"model.layers.0.self_attn.q_proj.{quantizer}._amax": torch.tensor(0.5, dtype=torch.bfloat16)}
     message = refused(quantized["engine"], push, version=10**6)
-    assert "model.layers.0.self_attn.qkv_proj.weight_quantizer._amax" in message and "amax_to_scale" in message
+    assert f"model.layers.0.self_attn.qkv_proj.{quantizer}._amax" in message and "amax_to_scale" in message
     wrong = {"model.layers.0.self_attn.k_bmm_quantizer._amax": torch.tensor(0.5)}  # float32 into a bfloat16 buffer
     assert "dtype torch.float32 does not match model.layers.0.self_attn.attn.k_bmm_quantizer._amax torch.bfloat16" in refused(quantized["engine"], wrong, version=10**6)
 
