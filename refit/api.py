@@ -111,19 +111,19 @@ class Refitter:
             if options:
                 raise RefitError(f"options {sorted(options)} go to the transport's constructor; pass them there, not with a ready Sender")
             self.sender = transport
-        elif engine is not None:
-            assert halves is not None
-            # checked before the workers are told to join, not after
-            check_options(halves.sender, options, f"transport {transport!r}")
-            check_options(halves.receiver_class(), dict(receiver_options or {}), f"the {transport!r} receiver (receiver_options)")
-            infos = engine.open(transport, dict(receiver_options or {}))
-            self.sender = halves.sender.for_receivers(infos, timeout=timeout, **options)
         else:
-            assert halves is not None
-            if transport != "local":
-                options.setdefault("timeout", timeout)
-            check_options(halves.sender, options, f"transport {transport!r}")
-            self.sender = halves.sender(**options)
+            halves = halves or load_transport(transport)  # loaded above: this only narrows the type
+            if engine is not None:
+                # checked before the workers are told to join, not after
+                check_options(halves.sender, options, f"transport {transport!r}")
+                check_options(halves.receiver_class(), dict(receiver_options or {}), f"the {transport!r} receiver (receiver_options)")
+                infos = engine.open(transport, dict(receiver_options or {}))
+                self.sender = halves.sender.for_receivers(infos, timeout=timeout, **options)
+            else:
+                if transport != "local":
+                    options.setdefault("timeout", timeout)
+                check_options(halves.sender, options, f"transport {transport!r}")
+                self.sender = halves.sender(**options)
         self.transport = transport if isinstance(transport, str) else type(transport).__name__
         self.bucket_bytes, self.alignment, self.tail_bytes, self.num_buffers = bucket_bytes, alignment, tail_bytes, num_buffers
         self.sender.checksum = pick(checksum, self.sender.device)
