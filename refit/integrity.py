@@ -107,6 +107,15 @@ def bucket_checksum(algorithm: Checksum, bucket: torch.Tensor) -> bytes:
     return _sum64(bucket)
 
 
+def pieces_checksum(pieces: Sequence[memoryview]) -> bytes:
+    """The ``xxh3`` checksum of the bytes of ``pieces`` taken in order: the same as
+    :func:`bucket_checksum` of them laid end to end (a bucket sent in place, not packed)."""
+    h = _xxhash().xxh3_64()
+    for piece in pieces:
+        h.update(piece)
+    return bytes(h.digest())
+
+
 _WEIGHTS: dict[torch.device, torch.Tensor] = {}  # 1, 2, ..., _CHUNK_WORDS per device, made once
 
 

@@ -172,6 +172,18 @@ def corrupt(r: Refitter, bucket: int) -> list[int]:
         original(index, slot, nbytes, **kw)
 
     r.sender.send = send  # type: ignore[method-assign]
+    if r.sender.sends_in_place:  # zmq: the bucket is sent as pieces, some of them the tensors' own bytes
+        send_pieces = r.sender.send_pieces
+
+        def send_in_place(index: int, slot: int, pieces: list[memoryview], **kw: Any) -> None:
+            if index == bucket and not done:
+                data = bytearray(b"".join(pieces))
+                data[len(data) // 2] ^= 0x10  # a copy: the trainer's tensors stay as they were
+                pieces = [memoryview(data)]
+                done.append(index)
+            send_pieces(index, slot, pieces, **kw)
+
+        r.sender.send_pieces = send_in_place  # type: ignore[method-assign]
     return done
 
 
@@ -218,6 +230,8 @@ def check_corruption_refused(transport: str, algorithm: str, device: str) -> Non
             rx.check_serving()
         # a clean push heals it
         del r.sender.send  # the class method again
+        if r.sender.sends_in_place:
+            del r.sender.send_pieces
         r.push(state(4))
         assert digest(target) == digest(state(4)) and not rx.torn
 

@@ -40,6 +40,10 @@ class Sender(ABC):
     #: receive; set by the Refitter before the first push, announced in each handshake.
     checksum: Checksum | None = None
     record: bool = False
+    #: True for transports that can send host memory from where it lies (``zmq``): the send loop
+    #: then leaves large contiguous CPU tensors out of the staging buffer (saving the pack copy)
+    #: and hands each bucket to :meth:`send_pieces` instead of :meth:`send`.
+    sends_in_place: bool = False
 
     def configure(self, bucket_bytes: int, num_buffers: int) -> None:
         """The push options, told once before the first handshake (transports that share their
@@ -93,6 +97,12 @@ class Sender(ABC):
         A sender with ``supports_checksum`` also takes ``checksum=`` (the bucket's checksum,
         given when :attr:`checksum` is set) and delivers it with the bucket.
         """
+
+    def send_pieces(self, index: int, slot: int, pieces: Sequence[memoryview], checksum: bytes | None = None) -> None:
+        """Bucket ``index`` is ``pieces`` in order: slices of buffer ``slot`` and the bytes of
+        source tensors in place; send them without copying (only called when
+        :attr:`sends_in_place`). The source tensors stay unchanged until the push ends."""
+        raise NotImplementedError(f"{type(self).__name__} does not send in place")
 
     def fingerprints(self) -> list[Fingerprints] | None:
         """Each receiver's per-tensor sha256 (``refit verify``), asked between pushes; None if
