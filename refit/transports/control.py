@@ -22,6 +22,8 @@ import socket
 import stat
 import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
+from concurrent.futures import Executor, Future
 from typing import Any
 
 import torch
@@ -117,7 +119,7 @@ class ControlServer:
         self._peer: bytes | None = None  # identity of the sender of the push in progress
         self._busy = False  # a push is in progress: from its accepted Hello to its end
         self.strays = 0  # messages dropped as garbage while no push was in progress
-        self._pending: tuple[Message, Frames] | None = None  # a Hello that arrived during a push
+        self._pending: tuple[Message, Frames] | None = None  # a message taken early: a Hello during a push, a bucket fetched ahead
 
     def _start_zap(self, auth: CurveAuth) -> None:
         """Make the socket a CURVE server whose ZAP handler admits only ``auth.client_public``."""
@@ -214,6 +216,7 @@ class ControlServer:
         on_hello: Callable[[Hello], None] | None = None,
         after_apply: Callable[[Bucket], None] | None = None,
         push_timeout: float | None = None,
+        prefetch: Executor | None = None,
     ) -> RefitReport | None:
         """Run one message-driven push (buckets arrive as Bucket messages) through ``loader``.
 
@@ -221,7 +224,9 @@ class ControlServer:
         the handshake is answered; ``after_apply(msg)`` runs between applying a bucket and
         acknowledging it (e.g. to record a GPU event: the ack releases the sender's buffer).
         ``timeout`` bounds the wait for a push to begin; ``push_timeout`` (default: ``timeout``)
-        every wait once it has begun.
+        every wait once it has begun. With ``prefetch``, a bucket that already arrived (in
+        another slot) gets its bytes from ``bucket_source`` on that executor while the one
+        before it is applied (a staging copy off the applying thread).
         Transports whose bytes do not travel as messages (a collective broadcast) compose
         :meth:`begin`, their own bucket loop and :meth:`end`.
         """
@@ -229,21 +234,41 @@ class ControlServer:
         hello = self.begin(loader, timeout, on_hello, push_timeout=in_push)
         if hello is None:
             return None
-        with self.guard(loader, hello):
-            next_bucket = 0
-            while True:
-                msg, frames, hello = self._in_push(loader, hello, in_push, f"buckets, bucket {next_bucket}")
-                if isinstance(msg, Bucket):
-                    data, persistent = bucket_source(msg, frames)
-                    loader.apply(msg.index, data, persistent=persistent, checksum=msg.checksum)
-                    if after_apply is not None:
-                        after_apply(msg)
-                    next_bucket = msg.index + 1
-                    self.reply(Ack(hello.push_id, msg.index))
-                elif isinstance(msg, Finish):
-                    return self._commit(loader, hello)
-                else:
-                    raise WireError(f"{self.name}: unexpected {type(msg).__name__} in phase buckets")
+        ahead: tuple[Bucket, Future[tuple[torch.Tensor, bool]]] | None = None  # the next bucket, its bytes on the way
+        try:
+            with self.guard(loader, hello):
+                next_bucket = 0
+                while True:
+                    msg, frames, hello = self._in_push(loader, hello, in_push, f"buckets, bucket {next_bucket}")
+                    if isinstance(msg, Bucket):
+                        data, persistent = ahead[1].result() if ahead is not None and ahead[0] is msg else bucket_source(msg, frames)
+                        ahead = None if prefetch is None else self._fetch_ahead(msg, hello, bucket_source, prefetch)
+                        loader.apply(msg.index, data, persistent=persistent, checksum=msg.checksum)
+                        if after_apply is not None:
+                            after_apply(msg)
+                        next_bucket = msg.index + 1
+                        self.reply(Ack(hello.push_id, msg.index))
+                    elif isinstance(msg, Finish):
+                        return self._commit(loader, hello)
+                    else:
+                        raise WireError(f"{self.name}: unexpected {type(msg).__name__} in phase buckets")
+        finally:
+            if ahead is not None:  # a broken push: no copy may still write its slot when the next one begins
+                futures.wait([ahead[1]])
+
+    def _fetch_ahead(
+        self, current: Bucket, hello: Hello, bucket_source: BucketSource, prefetch: Executor
+    ) -> tuple[Bucket, Future[tuple[torch.Tensor, bool]]] | None:
+        """Start getting the bytes of the next bucket of this push on ``prefetch``, if it has
+        already arrived and sits in another slot than ``current`` (whose bytes are about to be applied)."""
+        if self._pending is None:
+            self._pending = self._next(time.monotonic())  # without waiting
+        if self._pending is None:
+            return None
+        msg, frames = self._pending
+        if not isinstance(msg, Bucket) or msg.push_id != hello.push_id or msg.slot == current.slot:
+            return None
+        return msg, prefetch.submit(bucket_source, msg, frames)
 
     def begin(
         self,

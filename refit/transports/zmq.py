@@ -15,7 +15,8 @@ costs the receiver a page fault and a zeroed page for every 4 KiB, each push aga
 box, 1.2 CPU-seconds per GB received: more than vLLM's own load of the same bytes; see
 docs/benchmarks.md, issue 14). The receiver copies the frames of a bucket into a staging
 bucket it reuses (pinned for CUDA targets, so the host-to-device copies are non-blocking) and
-applies from there. A bucket sent as one frame (``frame_bytes`` >= the bucket) is applied from
+applies from there; when the next bucket has already arrived, a thread of the receiver's (on the
+ZMQ I/O thread's CPUs) copies it while the one before is applied. A bucket sent as one frame (``frame_bytes`` >= the bucket) is applied from
 a tensor view of ZMQ's frame, without a copy.
 
 Why ZMQ: it works across hosts with no NCCL, for CPU engines, and for debugging; it keeps one
@@ -165,6 +166,7 @@ class ZmqReceiver(ReceiverTransport):
         self.name = name
         self.device = torch.device(device)
         self._staging: list[torch.Tensor] = []
+        self._copier: ThreadPoolExecutor | None = None  # copies the next bucket's frames into staging while one is applied
 
     @override
     def info(self) -> dict[str, Any]:
@@ -193,8 +195,17 @@ class ZmqReceiver(ReceiverTransport):
 
     @override
     def receive(self, loader: Loader, timeout: float | None, *, push_timeout: float | None = None) -> RefitReport | None:
+        if self._copier is None:  # on the I/O thread's CPUs: off a pinned worker's core
+            cpus = self.server.io_cpus
+            place = None if cpus is None else functools.partial(os.sched_setaffinity, 0, cpus)
+            self._copier = ThreadPoolExecutor(1, f"refit-staging-{self.name}", initializer=place)
         return self.server.receive(
-            loader, timeout, self._bucket, push_timeout=push_timeout, after_apply=self._after_apply if self.device.type == "cuda" else None
+            loader,
+            timeout,
+            self._bucket,
+            push_timeout=push_timeout,
+            after_apply=self._after_apply if self.device.type == "cuda" else None,
+            prefetch=self._copier,
         )
 
     def _after_apply(self, msg: Bucket) -> None:
@@ -204,4 +215,7 @@ class ZmqReceiver(ReceiverTransport):
 
     @override
     def close(self) -> None:
+        if self._copier is not None:
+            self._copier.shutdown()
+            self._copier = None
         self.server.close()
