@@ -199,6 +199,26 @@ def test_layer_spanning_a_reused_bucket_loads_exactly(engine, transport, options
     handle.open("zmq", {})  # Refitter.close() closed the workers' receivers; rejoin for later tests
 
 
+def test_tensors_sent_in_place_and_staged_ahead_generate_like_hf(engine, monkeypatch):
+    """The zmq sender sends contiguous host tensors from their own memory (here every one: the
+    tiny model has none of the >= 1 MiB it takes in production) and, with 3 buffers in flight,
+    the worker copies a waiting bucket's frames into staging while vLLM loads the one before."""
+    pytest.importorskip("zmq")
+    import refit.send
+
+    packed = []
+    pack = refit.send.pack
+    monkeypatch.setattr(refit.send, "LARGE_COPY_BYTES", 1)
+    monkeypatch.setattr(refit.send, "pack", lambda bucket, metas, *a, **kw: (packed.extend(metas), pack(bucket, metas, *a, **kw)))
+    llm, handle, model_dir = engine
+    hf, state = hf_state(model_dir, seed=10)
+    with Refitter("zmq", engine=handle, bucket_bytes=1 << 16, num_buffers=3, frame_bytes=4096, timeout=60) as refitter:
+        report = refitter.push(state)
+    assert report.buckets > 10 and packed == []  # every tensor went from its own memory
+    assert vllm_greedy(llm) == hf_greedy(hf)
+    handle.open("zmq", {})
+
+
 def test_the_worker_receives_over_zmq_off_its_compute_core(engine):
     """vLLM's CPU backend pins each worker's thread to its compute core(s); refit's zmq receiver
     opened there runs its I/O thread on the CPUs the worker is not pinned to, so receiving bucket
