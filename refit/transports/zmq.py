@@ -5,8 +5,8 @@ CUDA is present, so device tensors are copied out with non-blocking copies) and 
 header and the bytes as one multipart message with ``copy=False``, to every receiver (fan-out
 reuses the same buffer). Large contiguous host tensors are not packed: their frames are sent
 from the tensors' own memory (``sends_in_place``), with the rest of the bucket packed around
-them, which saves the trainer a copy of (nearly) every byte. A buffer is reused only after every receiver acknowledged the bucket
-in it, so at most ``num_buffers`` buckets are in flight.
+them, which saves the trainer a copy of (nearly) every byte. A buffer is reused only after
+every receiver acknowledged the bucket in it, so at most ``num_buffers`` buckets are in flight.
 
 The bytes travel as frames of at most ``frame_bytes`` (8 MiB by default): ZMQ allocates a new
 message for every frame it receives, and the C allocator serves requests of up to 32 MiB from
@@ -15,9 +15,10 @@ costs the receiver a page fault and a zeroed page for every 4 KiB, each push aga
 box, 1.2 CPU-seconds per GB received: more than vLLM's own load of the same bytes; see
 docs/benchmarks.md, issue 14). The receiver copies the frames of a bucket into a staging
 bucket it reuses (pinned for CUDA targets, so the host-to-device copies are non-blocking) and
-applies from there; when the next bucket has already arrived, a thread of the receiver's (on the
-ZMQ I/O thread's CPUs) copies it while the one before is applied. A bucket sent as one frame (``frame_bytes`` >= the bucket) is applied from
-a tensor view of ZMQ's frame, without a copy.
+applies from there; when the next bucket has already arrived, a thread of the receiver's (on
+the ZMQ I/O thread's CPUs) copies it while the one before is applied. A bucket sent as one
+frame (``frame_bytes`` >= the bucket) is applied from a tensor view of ZMQ's frame, without a
+copy.
 
 Why ZMQ: it works across hosts with no NCCL, for CPU engines, and for debugging; it keeps one
 connection per receiver across pushes, so 200 pushes open no new file descriptors. Rejected:
