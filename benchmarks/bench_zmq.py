@@ -23,7 +23,7 @@ def main() -> None:
     ap.add_argument("--gib", type=float, default=2.0, help="state size in GiB (bf16 weights)")
     ap.add_argument("--bucket-mib", type=int, action="append", help="repeatable; default 64")
     ap.add_argument("--num-buffers", type=int, default=2)
-    ap.add_argument("--frame-mib", type=float, action="append", help="repeatable: the zmq frame size (default: the transport's, 8 MiB)")
+    ap.add_argument("--frame-mib", type=float, action="append", help="repeatable: the zmq frame size (default: the transport's, 1 MiB)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--device", default="cpu", help="where the trainer's tensors live (cpu or cuda)")
     ap.add_argument("--json")

@@ -30,7 +30,7 @@ def test_split_frames_covers_the_bytes_in_order() -> None:
     assert [len(f) for f in frames] == [4096, 4096, 2048]
     assert b"".join(bytes(f) for f in frames) == bytes(mem)
     assert split_frames(memoryview(b""), 4096) == []
-    assert [len(f) for f in split_frames(mem)] == [10240]  # the default (8 MiB) keeps a small bucket whole
+    assert [len(f) for f in split_frames(mem)] == [10240]  # the default (1 MiB) keeps a small bucket whole
     assert DEFAULT_FRAME_BYTES <= 32 << 20  # glibc reuses memory it serves for requests up to 32 MiB
 
 
