@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -175,13 +175,13 @@ def corrupt(r: Refitter, bucket: int) -> list[int]:
     if r.sender.sends_in_place:  # zmq: the bucket is sent as pieces, some of them the tensors' own bytes
         send_pieces = r.sender.send_pieces
 
-        def send_in_place(index: int, slot: int, pieces: list[memoryview], **kw: Any) -> None:
+        def send_in_place(index: int, slot: int, pieces: Sequence[memoryview], checksum: bytes | None = None) -> None:
             if index == bucket and not done:
                 data = bytearray(b"".join(pieces))
                 data[len(data) // 2] ^= 0x10  # a copy: the trainer's tensors stay as they were
                 pieces = [memoryview(data)]
                 done.append(index)
-            send_pieces(index, slot, pieces, **kw)
+            send_pieces(index, slot, pieces, checksum)
 
         r.sender.send_pieces = send_in_place  # type: ignore[method-assign]
     return done

@@ -208,8 +208,13 @@ def test_tensors_sent_in_place_and_staged_ahead_generate_like_hf(engine, monkeyp
 
     packed = []
     pack = refit.send.pack
+
+    def spy(bucket, metas, *args, **kw):
+        packed.extend(metas)
+        pack(bucket, metas, *args, **kw)
+
     monkeypatch.setattr(refit.send, "LARGE_COPY_BYTES", 1)
-    monkeypatch.setattr(refit.send, "pack", lambda bucket, metas, *a, **kw: (packed.extend(metas), pack(bucket, metas, *a, **kw)))
+    monkeypatch.setattr(refit.send, "pack", spy)
     llm, handle, model_dir = engine
     hf, state = hf_state(model_dir, seed=10)
     with Refitter("zmq", engine=handle, bucket_bytes=1 << 16, num_buffers=3, frame_bytes=4096, timeout=60) as refitter:
