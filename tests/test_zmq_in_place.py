@@ -19,6 +19,7 @@ from refit.meta import Role, TensorMeta
 from refit.pack import LARGE_COPY_BYTES, Lazy
 from refit.receiver import RefitReceiver
 from refit.send import bucket_pieces, in_place_bytes
+from refit.transports.zmq import ZmqReceiver
 
 MIB = 1 << 20
 
@@ -112,3 +113,31 @@ def test_a_push_with_tensors_sent_in_place_is_bit_exact_and_skips_their_pack_cop
         t.join(30)
         rx.close()
     assert not t.is_alive()
+
+
+@pytest.mark.integration
+def test_frames_as_large_as_a_bucket_keep_one_frame_per_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
+    """frame_bytes >= bucket_bytes asks for one frame per bucket (a CPU receiver applies it from
+    the frame, no copy): nothing is sent in place, which would split the bucket at tensor edges."""
+    frames_per_bucket: list[int] = []
+    get_bucket = ZmqReceiver._bucket
+
+    def spy(self: ZmqReceiver, msg: Any, frames: Any) -> tuple[torch.Tensor, bool]:
+        frames_per_bucket.append(len(frames))
+        return get_bucket(self, msg, frames)
+
+    monkeypatch.setattr(ZmqReceiver, "_bucket", spy)
+    values = {f"w{i}": torch.randn(1024, 1024).to(torch.bfloat16) for i in range(3)}  # 2 MiB each
+    target = {k: torch.zeros_like(v) for k, v in values.items()}
+    rx = RefitReceiver(target, "zmq", name="rx")
+    t = threading.Thread(target=rx.serve, kwargs={"poll": 0.2}, daemon=True)
+    t.start()
+    try:
+        with Refitter("zmq", peers=[rx.info()], bucket_bytes=4 * MIB, frame_bytes=4 * MIB, timeout=30) as r:
+            r.push(values)
+            assert not r.sender.sends_in_place
+    finally:
+        rx.stop()
+        t.join(30)
+        rx.close()
+    assert digest(target) == digest(values) and frames_per_bucket and set(frames_per_bucket) == {1}

@@ -17,8 +17,8 @@ docs/benchmarks.md, issue 14). The receiver copies the frames of a bucket into a
 bucket it reuses (pinned for CUDA targets, so the host-to-device copies are non-blocking) and
 applies from there; when the next bucket has already arrived, a thread of the receiver's (on
 the ZMQ I/O thread's CPUs) copies it while the one before is applied. A bucket sent as one
-frame (``frame_bytes`` >= the bucket) is applied from a tensor view of ZMQ's frame, without a
-copy.
+frame (``frame_bytes`` >= the bucket: nothing is then sent in place) is applied from a tensor
+view of ZMQ's frame, without a copy.
 
 Why ZMQ: it works across hosts with no NCCL, for CPU engines, and for debugging; it keeps one
 connection per receiver across pushes, so 200 pushes open no new file descriptors. Rejected:
@@ -98,6 +98,9 @@ class ZmqSender(Sender):
     @override
     def buffers(self, bucket_bytes: int, num_buffers: int) -> list[torch.Tensor]:
         self._num_buffers = num_buffers
+        # frames as large as a bucket ask for one frame per bucket (a CPU receiver applies it
+        # without a copy); tensors sent in place would split it at their edges
+        self.sends_in_place = self.frame_bytes < bucket_bytes
         if len(self._bufs) != num_buffers or self._bufs[0].numel() != bucket_bytes:
             self._bufs = [host_buffer(bucket_bytes) for _ in range(num_buffers)]
         return self._bufs
