@@ -1,5 +1,6 @@
-"""The zmq receiver copies a bucket that already arrived into its staging slot on a thread of its
-own while the bucket before it is applied (refit/transports/control.py, ``prefetch``)."""
+"""The zmq receiver receives the next bucket and copies it into its staging slot on a thread of its
+own while the bucket before it is applied (refit/transports/receive_ahead.py), and hands the
+socket back whatever happens: a fault on either thread ends the push with its reason, nothing hangs."""
 
 from __future__ import annotations
 
@@ -65,8 +66,9 @@ def slow_receiver(monkeypatch: pytest.MonkeyPatch, fail: int | None = None) -> I
 
 
 @pytest.mark.integration
-def test_buckets_that_wait_are_staged_off_the_applying_thread_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
-    with slow_receiver(monkeypatch) as (rx, target, calls), Refitter("zmq", peers=[rx.info()], bucket_bytes=BUCKET, num_buffers=3, frame_bytes=4096, timeout=30) as r:
+@pytest.mark.parametrize("num_buffers", [2, 3])
+def test_buckets_are_staged_off_the_applying_thread_bit_for_bit(monkeypatch: pytest.MonkeyPatch, num_buffers: int) -> None:
+    with slow_receiver(monkeypatch) as (rx, target, calls), Refitter("zmq", peers=[rx.info()], bucket_bytes=BUCKET, num_buffers=num_buffers, frame_bytes=4096, timeout=30) as r:
         for seed in (1, 2):
             calls.clear()
             report = r.push(state(seed))
@@ -86,5 +88,62 @@ def test_a_bucket_that_fails_while_staged_ahead_ends_the_push_at_its_turn(monkey
         with pytest.raises(TornStateError):
             rx.check_serving()
         # the fault was once: the next push heals
+        r.push(state(2))
+        assert digest(target) == digest(state(2)) and not rx.torn
+
+
+@pytest.mark.integration
+def test_one_buffer_wakes_the_helper_every_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
+    # with one buffer the next bucket cannot come before this one is acknowledged: the helper
+    # waits for nothing and must hand the socket back at once, every bucket
+    with slow_receiver(monkeypatch) as (rx, target, calls), Refitter("zmq", peers=[rx.info()], bucket_bytes=BUCKET, num_buffers=1, frame_bytes=4096, timeout=30) as r:
+        t0 = time.monotonic()
+        report = r.push(state(1))
+        assert time.monotonic() - t0 < 20  # far below a 30 s timeout per bucket: nothing waited it out
+        assert digest(target) == digest(state(1)) and not rx.torn
+        assert len(calls) == report.buckets and not any(name.startswith("refit-staging") for _, name in calls)  # nothing could come ahead
+
+
+@pytest.mark.integration
+def test_a_fault_of_the_helper_while_it_waits_ends_the_push_and_the_next_heals(monkeypatch: pytest.MonkeyPatch) -> None:
+    from refit.transports.control import ControlServer
+
+    faults: list[str] = []
+    nxt = ControlServer.next_message
+
+    def garbled(self: ControlServer, deadline: Any, wake: Any = None) -> Any:
+        if wake is not None and not faults:  # on the helper's thread, once
+            faults.append(threading.current_thread().name)
+            raise WireError("rx: injected garbled message")
+        return nxt(self, deadline, wake)
+
+    monkeypatch.setattr(ControlServer, "next_message", garbled)
+    with slow_receiver(monkeypatch) as (rx, target, calls), Refitter("zmq", peers=[rx.info()], bucket_bytes=BUCKET, num_buffers=2, frame_bytes=4096, timeout=30) as r:
+        t0 = time.monotonic()
+        with pytest.raises(TransportError, match="injected garbled message"):
+            r.push(state(1))
+        assert time.monotonic() - t0 < 20 and faults[0].startswith("refit-staging-rx")
+        assert rx.torn  # bucket 0 was applied before the fault
+        r.push(state(2))
+        assert digest(target) == digest(state(2)) and not rx.torn
+
+
+@pytest.mark.integration
+def test_an_apply_that_fails_while_the_helper_waits_is_what_the_sender_hears(monkeypatch: pytest.MonkeyPatch) -> None:
+    apply = Loader.apply
+    failed: list[int] = []
+
+    def failing(self: Loader, index: int, *args: Any, **kw: Any) -> None:
+        if index == 1 and not failed:
+            failed.append(index)
+            raise RuntimeError("injected apply failure")
+        apply(self, index, *args, **kw)
+
+    with slow_receiver(monkeypatch) as (rx, target, calls), Refitter("zmq", peers=[rx.info()], bucket_bytes=BUCKET, num_buffers=2, frame_bytes=4096, timeout=30) as r:
+        monkeypatch.setattr(Loader, "apply", failing)  # inside the receiver's slow apply
+        t0 = time.monotonic()
+        with pytest.raises(TransportError, match="injected apply failure"):
+            r.push(state(1))
+        assert time.monotonic() - t0 < 20 and rx.torn
         r.push(state(2))
         assert digest(target) == digest(state(2)) and not rx.torn

@@ -22,8 +22,7 @@ import socket
 import stat
 import time
 from collections.abc import Callable, Iterator
-from concurrent import futures
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor
 from typing import Any
 
 import torch
@@ -36,6 +35,7 @@ from refit.report import RefitReport
 from refit.transports.io_threads import IoCpus, io_context
 from refit.transports.io_threads import io_cpus as io_thread_cpus
 from refit.transports.peers import poll_ms
+from refit.transports.receive_ahead import Ahead, Staged, socket_pair
 from refit.wire import (
     Abort,
     Ack,
@@ -119,7 +119,9 @@ class ControlServer:
         self._peer: bytes | None = None  # identity of the sender of the push in progress
         self._busy = False  # a push is in progress: from its accepted Hello to its end
         self.strays = 0  # messages dropped as garbage while no push was in progress
-        self._pending: tuple[Message, Frames] | None = None  # a message taken early: a Hello during a push, a bucket fetched ahead
+        #: a message taken early (a Hello during a push, one received ahead): the next one served
+        self.pending: tuple[Message, Frames] | None = None
+        self._wake: tuple[socket.socket, socket.socket] | None = None  # see wake_pair
 
     def _start_zap(self, auth: CurveAuth) -> None:
         """Make the socket a CURVE server whose ZAP handler admits only ``auth.client_public``."""
@@ -167,21 +169,21 @@ class ControlServer:
             with contextlib.suppress(zmq.ZMQError):
                 self.sock.send_multipart([self._peer, encode(msg)], flags=zmq.NOBLOCK)
 
-    def _next(self, deadline: float | None) -> tuple[Message, Frames] | None:
+    def next_message(self, deadline: float | None, wake: socket.socket | None = None) -> tuple[Message, Frames] | None:
         """Next message of the current sender and its extra frames, or None once ``deadline``
-        (``time.monotonic()``; None: never) has passed.
+        (``time.monotonic()``; None: never) has passed or ``wake`` became readable.
 
         Only the sender of the push in progress is heard: anyone else is answered that this
         receiver is busy, and their message is dropped. Garbage is answered with why (with its
         push id when readable) and dropped, except from the sender of the push in progress,
         whose stream it breaks (WireError). So no stray or hostile message can end a wait.
         """
-        if self._pending is not None:
-            got, self._pending = self._pending, None
+        if self.pending is not None:
+            got, self.pending = self.pending, None
             return got
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not self.sock.poll(poll_ms(left)):
+            if not self._poll(poll_ms(left), wake):
                 return None
             frames = self.sock.recv_multipart(copy=False)
             ident = frames[0].bytes
@@ -200,6 +202,23 @@ class ControlServer:
                 continue
             self._peer = ident
             return msg, frames[2:]
+
+    def _poll(self, ms: int, wake: socket.socket | None) -> bool:
+        """Whether a message is ready within ``ms`` (-1: no limit); False as soon as ``wake`` is readable."""
+        if wake is None:
+            return bool(self.sock.poll(ms))
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(wake, zmq.POLLIN)
+        ready = dict(poller.poll(ms))
+        return wake not in ready and self.sock in ready
+
+    def wake_pair(self) -> tuple[socket.socket, socket.socket]:
+        """The socket pair that ends a wait of :meth:`next_message` on another thread (see
+        :mod:`refit.transports.receive_ahead`); made once, closed with the server."""
+        if self._wake is None:
+            self._wake = socket_pair()
+        return self._wake
 
     def _refuse(self, ident: bytes, frames: Frames, reason: str) -> None:
         """Answer a message that is not heard with an Abort saying why (best effort)."""
@@ -224,9 +243,11 @@ class ControlServer:
         the handshake is answered; ``after_apply(msg)`` runs between applying a bucket and
         acknowledging it (e.g. to record a GPU event: the ack releases the sender's buffer).
         ``timeout`` bounds the wait for a push to begin; ``push_timeout`` (default: ``timeout``)
-        every wait once it has begun. With ``prefetch``, a bucket that already arrived (in
-        another slot) gets its bytes from ``bucket_source`` on that executor while the one
-        before it is applied (a staging copy off the applying thread).
+        every wait once it has begun. With ``prefetch`` (an executor of one thread), the socket
+        is that thread's while a bucket is applied: it receives the next message and, when it
+        is a bucket of this push in another slot, gets its bytes from ``bucket_source`` (a
+        staging copy off the applying thread); the applying thread takes the socket back
+        before it acknowledges the bucket.
         Transports whose bytes do not travel as messages (a collective broadcast) compose
         :meth:`begin`, their own bucket loop and :meth:`end`.
         """
@@ -234,41 +255,34 @@ class ControlServer:
         hello = self.begin(loader, timeout, on_hello, push_timeout=in_push)
         if hello is None:
             return None
-        ahead: tuple[Bucket, Future[tuple[torch.Tensor, bool]]] | None = None  # the next bucket, its bytes on the way
-        try:
-            with self.guard(loader, hello):
-                next_bucket = 0
-                while True:
-                    msg, frames, hello = self._in_push(loader, hello, in_push, f"buckets, bucket {next_bucket}")
-                    if isinstance(msg, Bucket):
-                        data, persistent = ahead[1].result() if ahead is not None and ahead[0] is msg else bucket_source(msg, frames)
-                        ahead = None if prefetch is None else self._fetch_ahead(msg, hello, bucket_source, prefetch)
-                        loader.apply(msg.index, data, persistent=persistent, checksum=msg.checksum)
-                        if after_apply is not None:
-                            after_apply(msg)
-                        next_bucket = msg.index + 1
-                        self.reply(Ack(hello.push_id, msg.index))
-                    elif isinstance(msg, Finish):
-                        return self._commit(loader, hello)
-                    else:
-                        raise WireError(f"{self.name}: unexpected {type(msg).__name__} in phase buckets")
-        finally:
-            if ahead is not None:  # a broken push: no copy may still write its slot when the next one begins
-                futures.wait([ahead[1]])
-
-    def _fetch_ahead(
-        self, current: Bucket, hello: Hello, bucket_source: BucketSource, prefetch: Executor
-    ) -> tuple[Bucket, Future[tuple[torch.Tensor, bool]]] | None:
-        """Start getting the bytes of the next bucket of this push on ``prefetch``, if it has
-        already arrived and sits in another slot than ``current`` (whose bytes are about to be applied)."""
-        if self._pending is None:
-            self._pending = self._next(time.monotonic())  # without waiting
-        if self._pending is None:
-            return None
-        msg, frames = self._pending
-        if not isinstance(msg, Bucket) or msg.push_id != hello.push_id or msg.slot == current.slot:
-            return None
-        return msg, prefetch.submit(bucket_source, msg, frames)
+        with self.guard(loader, hello):
+            staged: Staged | None = None  # the bytes of the next bucket, got while the one before was applied
+            next_bucket = 0
+            while True:
+                t0 = time.perf_counter()
+                msg, frames, hello = self._in_push(loader, hello, in_push, f"buckets, bucket {next_bucket}")
+                t1 = time.perf_counter()
+                loader.note("wait", t1 - t0)
+                if isinstance(msg, Finish):
+                    return self._commit(loader, hello)
+                if not isinstance(msg, Bucket):
+                    raise WireError(f"{self.name}: unexpected {type(msg).__name__} in phase buckets")
+                data, persistent = staged.bytes() if staged is not None and staged.msg is msg else bucket_source(msg, frames)
+                ahead = None if prefetch is None else Ahead(self, msg, hello, bucket_source, in_push, prefetch)
+                loader.note("stage", time.perf_counter() - t1)
+                try:
+                    loader.apply(msg.index, data, persistent=persistent, checksum=msg.checksum)
+                    if after_apply is not None:
+                        after_apply(msg)
+                except BaseException:
+                    if ahead is not None:  # the socket back before the guard answers; no copy still writing a slot
+                        ahead.join(quiet=True)
+                    raise
+                t2 = time.perf_counter()
+                staged = None if ahead is None else ahead.join()
+                loader.note("stage", time.perf_counter() - t2)
+                next_bucket = msg.index + 1
+                self.reply(Ack(hello.push_id, msg.index))
 
     def begin(
         self,
@@ -291,7 +305,7 @@ class ControlServer:
         deadline = _deadline(timeout)
         self._busy = False  # a new wait: no push is in progress
         while True:
-            got = self._next(deadline)
+            got = self.next_message(deadline)
             if got is None:
                 return None
             msg = got[0]
@@ -358,7 +372,7 @@ class ControlServer:
         """Next message of the push in progress; stale ones are skipped, a sender's Abort or
         silence raises TransportError."""
         while True:
-            got = self._next(_deadline(timeout))
+            got = self.next_message(_deadline(timeout))
             if got is None:
                 raise TransportError(f"{self.name}: sender went silent for {timeout} s (phase {phase})")
             msg, frames = got
@@ -367,7 +381,7 @@ class ControlServer:
             if msg.push_id == hello.push_id:
                 return msg, frames, hello
             if isinstance(msg, Hello):  # the sender started over: abandon this push, serve that one next
-                self._pending = (msg, frames)
+                self.pending = (msg, frames)
                 raise TransportError(f"{self.name}: a new push began during phase {phase}; the previous one is abandoned")
 
     def _commit(self, loader: Loader, hello: Hello) -> RefitReport:
@@ -386,7 +400,7 @@ class ControlServer:
         manifest = hello.manifest or loader.knows(hello.digest)
         if manifest is None:
             self.reply(Verdict(hello.push_id, False, True, (), self.name))
-            got = self._next(_deadline(timeout))
+            got = self.next_message(_deadline(timeout))
             if got is None or not isinstance(got[0], Hello) or got[0].manifest is None:
                 raise TransportError(f"{self.name}: sender did not send the manifest it was asked for (phase handshake)")
             hello = got[0]
@@ -408,6 +422,10 @@ class ControlServer:
         ``CLOSE_LINGER_MS``: a receiver closed right after ``receive()`` returned must not leave
         its sender waiting out its timeout for a Done that was dropped."""
         self.sock.close(linger=CLOSE_LINGER_MS)
+        if self._wake is not None:
+            for end in self._wake:
+                end.close()
+            self._wake = None
         if self._zap is not None:
             self._zap.stop()
             self._zap = None

@@ -15,8 +15,9 @@ costs the receiver a page fault and a zeroed page for every 4 KiB, each push aga
 box, 1.2 CPU-seconds per GB received: more than vLLM's own load of the same bytes; see
 docs/benchmarks.md, issue 14). The receiver copies the frames of a bucket into a staging
 bucket it reuses (pinned for CUDA targets, so the host-to-device copies are non-blocking) and
-applies from there; when the next bucket has already arrived, a thread of the receiver's (on
-the ZMQ I/O thread's CPUs) copies it while the one before is applied. A bucket sent as one
+applies from there. While a bucket is applied, a thread of the receiver's (on the ZMQ I/O
+thread's CPUs) receives the next one and copies it into its slot
+(:mod:`refit.transports.receive_ahead`), so that copy is off a pinned worker's core. A bucket sent as one
 frame (``frame_bytes`` >= the bucket: nothing is then sent in place) is applied from a tensor
 view of ZMQ's frame, without a copy.
 
