@@ -18,6 +18,9 @@ class RefitReport:
         seconds: wall seconds per stage (``plan``, ``handshake``, ``pack``, ``stream``,
             ``apply``, ``finish``, ``total``; a stage a side does not run is absent). On the
             sender, ``stream`` includes the handshake, which overlaps packing the first bucket.
+            A receiver fed by messages (``zmq``, ``cuda_ipc``) adds ``wait`` (for the next
+            message of the push) and ``stage`` (getting a bucket's bytes on the applying
+            thread, or waiting for the thread that got them ahead).
         loaded: tensors applied to a local target (receiver side).
         remote: tensors consumed but owned by another pipeline stage (receiver side).
         peer: who wrote the report (``"sender"`` or a receiver's name).
