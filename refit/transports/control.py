@@ -104,6 +104,7 @@ class ControlServer:
         self.name = name
         auth = check_auth(auth)
         self._zap: Any = None
+        self._wake: tuple[socket.socket, socket.socket] | None = None  # see wake_pair
         # ZAP handlers and I/O thread affinity are per context: an authenticated receiver, or one
         # whose I/O thread runs elsewhere, gets its own context (the process-wide one may run already)
         self.io_cpus = io_thread_cpus(io_cpus)  # None: the I/O thread runs where this thread may
@@ -121,7 +122,6 @@ class ControlServer:
         self.strays = 0  # messages dropped as garbage while no push was in progress
         #: a message taken early (a Hello during a push, one received ahead): the next one served
         self.pending: tuple[Message, Frames] | None = None
-        self._wake: tuple[socket.socket, socket.socket] | None = None  # see wake_pair
 
     def _start_zap(self, auth: CurveAuth) -> None:
         """Make the socket a CURVE server whose ZAP handler admits only ``auth.client_public``."""
