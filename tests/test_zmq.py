@@ -252,6 +252,35 @@ def test_two_hundred_pushes_no_leaks() -> None:
     assert stats[-1][1] - stats[20][1] < 30, "receiver memory grew"
 
 
+DROPPED_IN_A_CYCLE = """
+import gc, os, sys, torch
+from refit.auth import CurveAuth
+from refit.receiver import RefitReceiver
+path = sys.argv[1]
+
+def drop() -> None:
+    own = {"io_cpus": [min(os.sched_getaffinity(0))]} if hasattr(os, "sched_getaffinity") else {}
+    for kw in [own, {"auth": CurveAuth.from_secret("sixteen chars or more")}, {"address": "ipc://" + path}]:
+        rx = RefitReceiver({"w": torch.zeros(4)}, "zmq", **kw)
+        rx.itself = rx  # a reference cycle, as a traceback holding the receiver makes
+gc.disable()
+drop()
+print("collected", gc.collect() > 0, "socket file left", os.path.exists(path), flush=True)
+"""
+
+
+def test_a_receiver_dropped_without_close_is_collected_and_releases_everything(tmp_path: Any) -> None:
+    """A receiver never closed and left in a reference cycle: the collector releases its socket,
+    its own ZMQ context (I/O threads placed elsewhere, or a CURVE authenticator) and its socket
+    file. Left to pyzmq, the context's ``__del__`` would wait forever for the unclosed socket."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "rx.sock"
+    out = subprocess.run([sys.executable, "-c", DROPPED_IN_A_CYCLE, str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "collected True socket file left False", out
+
+
 def test_garbage_is_answered_and_dropped_and_the_receiver_keeps_waiting() -> None:
     """Garbage from anyone but the sender of a push in progress never ends a receiver's wait:
     its sender hears why, and the next real push lands."""

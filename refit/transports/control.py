@@ -21,6 +21,7 @@ import os
 import socket
 import stat
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from typing import Any
@@ -80,6 +81,32 @@ BucketSource = Callable[[Bucket, Frames], tuple[torch.Tensor, bool]]
 CLOSE_LINGER_MS = 500  # how long close() lets already-sent replies reach their sender
 
 
+class _Held:
+    """What a :class:`ControlServer` releases, kept apart from it so that a server dropped
+    without ``close()`` (caught in a reference cycle, say a traceback's) still releases it through
+    its finalizer. Left to the garbage collector, a context it made itself would hang the process:
+    pyzmq's ``Context.__del__`` waits in ``term()`` for a socket the collector has not closed yet."""
+
+    def __init__(self, sock: zmq.Socket[Any], own_ctx: zmq.Context[Any] | None) -> None:
+        self.sock = sock
+        self.own_ctx = own_ctx  # None: the process-wide context, never ended here
+        self.zap: Any = None  # the CURVE authenticator's thread
+        self.wake: tuple[socket.socket, socket.socket] | None = None  # see ControlServer.wake_pair
+        self.ipc_path: str | None = None  # the socket file an ipc:// bind made
+
+    def release(self) -> None:
+        self.sock.close(linger=CLOSE_LINGER_MS)
+        for end in self.wake or ():
+            end.close()
+        if self.zap is not None:
+            self.zap.stop()
+        if self.own_ctx is not None:
+            self.own_ctx.term()
+        if self.ipc_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.ipc_path)
+
+
 class ControlServer:
     """The receiver's control socket (ROUTER) and the protocol loop of one push.
 
@@ -103,15 +130,14 @@ class ControlServer:
     ) -> None:
         self.name = name
         auth = check_auth(auth)
-        self._zap: Any = None
-        self._wake: tuple[socket.socket, socket.socket] | None = None  # see wake_pair
         # ZAP handlers and I/O thread affinity are per context: an authenticated receiver, or one
         # whose I/O thread runs elsewhere, gets its own context (the process-wide one may run already)
         self.io_cpus = io_thread_cpus(io_cpus)  # None: the I/O thread runs where this thread may
         own = io_context(self.io_cpus) if self.io_cpus else (zmq.Context() if auth is not None else None)
-        self._own_ctx = own is not None
         self.ctx = own or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
+        self._held = _Held(self.sock, own)
+        self._release = weakref.finalize(self, self._held.release)  # by close(), or when collected
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         if auth is not None:
@@ -131,9 +157,9 @@ class ControlServer:
             def callback(self, domain: str, key: bytes) -> bool:
                 return key == auth.client_public
 
-        self._zap = ThreadAuthenticator(self.ctx)
-        self._zap.start()
-        self._zap.configure_curve_callback(DOMAIN, credentials_provider=_Known())
+        zap = self._held.zap = ThreadAuthenticator(self.ctx)
+        zap.start()
+        zap.configure_curve_callback(DOMAIN, credentials_provider=_Known())
         self.sock.zap_domain = DOMAIN.encode()
         self.sock.curve_secretkey = auth.secret_of("server")
         self.sock.curve_publickey = auth.server_public
@@ -149,6 +175,7 @@ class ControlServer:
                     self.sock.bind(address)
                 finally:
                     os.umask(old)
+                self._held.ipc_path = path  # removed on close
                 os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
             else:
                 self.sock.bind(address)
@@ -216,9 +243,9 @@ class ControlServer:
     def wake_pair(self) -> tuple[socket.socket, socket.socket]:
         """The socket pair that ends a wait of :meth:`next_message` on another thread (see
         :mod:`refit.transports.receive_ahead`); made once, closed with the server."""
-        if self._wake is None:
-            self._wake = socket_pair()
-        return self._wake
+        if self._held.wake is None:
+            self._held.wake = socket_pair()
+        return self._held.wake
 
     def _refuse(self, ident: bytes, frames: Frames, reason: str) -> None:
         """Answer a message that is not heard with an Abort saying why (best effort)."""
@@ -421,18 +448,4 @@ class ControlServer:
         Replies already sent (the Done of a push that just committed) still go out for up to
         ``CLOSE_LINGER_MS``: a receiver closed right after ``receive()`` returned must not leave
         its sender waiting out its timeout for a Done that was dropped."""
-        self.sock.close(linger=CLOSE_LINGER_MS)
-        if self._wake is not None:
-            for end in self._wake:
-                end.close()
-            self._wake = None
-        if self._zap is not None:
-            self._zap.stop()
-            self._zap = None
-        if self._own_ctx:
-            self.ctx.term()
-            self._own_ctx = False
-        address = getattr(self, "address", "")  # None yet if the bind failed
-        if address.startswith("ipc://"):
-            with contextlib.suppress(OSError):
-                os.unlink(address[len("ipc://") :])
+        self._release()
