@@ -84,7 +84,7 @@ def spec_of(cfg: dict[str, Any]) -> list[tuple[str, list[int]]]:
     return spec + [("model.norm.weight", [h]), ("lm_head.weight", [v, h])]
 
 
-def timed(fn: Any, repeats: int) -> list[float]:
+def timed(fn: Any, repeats: int) -> list[Any]:
     fn()  # warm-up
     return [fn() for _ in range(repeats)]
 
@@ -156,7 +156,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         for mib in a.bucket_mib:
             bucket = mib << 20
             row: dict[str, Any] = {"bucket_mib": mib}
-            for mode in ["all", "bucket"] + (["tensor"] if a.per_tensor else []):
+            for mode in ["all", "bucket", "views"] + (["tensor"] if a.per_tensor else []):
                 got = [llm.collective_rpc("bench_reload_modes", args=(spec, a.seed, mode, bucket)) for _ in range(a.repeats + 1)][1:]
                 row[f"reload_{mode}"] = med([max(g["seconds"] for g in rep) for rep in got])
                 row[f"reload_{mode}_range"] = [min(max(g["seconds"] for g in rep) for rep in got), max(max(g["seconds"] for g in rep) for rep in got)]
@@ -166,7 +166,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                     print(f"--- profile of {name} in the worker, bucket {mib} MiB\n{text}", flush=True)
             row["refit_local"] = med([g["seconds"] for g in got])
             row["refit_local_apply"] = med([g["receiver"].get("apply", 0.0) for g in got])
-            row["raw_zmq"] = med(timed(lambda b=bucket: raw_zmq(llm, flat, b, 120.0), a.repeats))
+            raws = timed(lambda b=bucket: raw_zmq(llm, flat, b, 120.0), a.repeats)
+            row["raw_zmq"] = med([x.seconds for x in raws])
+            row["raw_zmq_cpu"] = med([x.cpu for x in raws])
             row["memcpy"] = med(timed(lambda b=bucket: memcpy(state, b), a.repeats))
             for transport in a.transports:
                 sender: list[dict[str, float]] = []
@@ -216,10 +218,16 @@ def table(out: dict[str, Any]) -> str:
             f"  vLLM reload, one load_weights(all)   {row['reload_all']:.3f}  ({row['reload_all_range'][0]:.3f}-{row['reload_all_range'][1]:.3f})"
         )
         lines.append(f"  vLLM reload, one load_weights/bucket {row['reload_bucket']:.3f}")
+        lines.append(f"    the same, tensors views of buckets {row['reload_views']:.3f}")
         if "reload_tensor" in row:
             lines.append(f"  vLLM reload, one load_weights/tensor {row['reload_tensor']:.3f}")
         lines.append(f"  refit in the worker (local): push    {row['refit_local']:.3f}, of which apply {row['refit_local_apply']:.3f}")
-        lines.append(f"  raw pyzmq, same frames, loopback     {row['raw_zmq']:.3f}")
+        workers = out["tp"] * out["pp"]
+        floor = row["raw_zmq_cpu"] / max(out["cpus"] - workers, 1)
+        lines.append(
+            f"  raw pyzmq, same frames, loopback     {row['raw_zmq']:.3f}, {row['raw_zmq_cpu']:.3f} CPU-s (sender + receiver); on the "
+            f"{max(out['cpus'] - workers, 1)} CPU(s) not pinned by a worker: >= {floor:.3f} s = {floor / row['reload_all']:.2f} x vLLM reload"
+        )
         lines.append(f"  memcpy of the bytes (shared memory)  {row['memcpy']:.3f}")
         lines.append(f"  {'transport':10s} {'push':>7s} {'range':>13s} {'ceiling':>8s} {'ratio':>6s}  stages (trainer | worker), copied per push")
         for transport in ("zmq", "cuda_ipc", "nccl"):

@@ -27,13 +27,26 @@ def bench_state(spec: list[tuple[str, list[int]]], seed: int, dtype: torch.dtype
     return {name: (0.02 * torch.randn(shape, generator=gen)).to(dtype) for name, shape in spec}
 
 
+def packed_views(group: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """``group``'s tensors copied into one byte buffer, as views of it (a bucket as received)."""
+    flat = torch.cat([t.reshape(-1).view(torch.uint8) for _, t in group])
+    out, offset = [], 0
+    for name, t in group:
+        n = t.numel() * t.element_size()
+        out.append((name, flat[offset : offset + n].view(t.dtype).view(t.shape)))
+        offset += n
+    return out
+
+
 class BenchExtension(PackageBench):
     """``refit bench --engine vllm``'s worker extension (refit's own plus the raw pyzmq sink)
     with this script's baselines."""
 
     def bench_reload_modes(self, spec: list[tuple[str, list[int]]], seed: int, mode: str, bucket_bytes: int) -> dict[str, Any]:
         """Seconds of one reload of the seeded state by vLLM's own path; ``mode``: ``all`` (one
-        ``load_weights`` call), ``bucket`` (one per ``bucket_bytes`` of tensors), ``tensor``."""
+        ``load_weights`` call), ``bucket`` (one per ``bucket_bytes`` of tensors), ``views`` (as
+        ``bucket``, each tensor a view of its bucket's packed bytes, as a push hands them to
+        vLLM; packed before the clock starts), ``tensor``."""
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 
@@ -56,6 +69,8 @@ class BenchExtension(PackageBench):
                     size = 0
                 groups[-1].append(it)
                 size += n
+        if mode == "views":
+            groups = [packed_views(group) for group in groups]
         model = self.model_runner.get_model()  # type: ignore[attr-defined]
         with set_current_vllm_config(self.vllm_config), torch.no_grad():  # type: ignore[attr-defined]
             t0 = time.perf_counter()

@@ -18,13 +18,14 @@ engine has no ``weight_scale`` to receive them.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -93,10 +94,16 @@ def write_model_dir(shape_arg: str, shape: ModelShape, where: Path) -> str:
     return str(where)
 
 
-def raw_zmq(llm: Any, flat: torch.Tensor, bucket_bytes: int, timeout: float) -> float:
-    """Seconds to move ``flat`` into the (first) worker as refit's ``zmq`` transport lays it out
-    (one message per ``bucket_bytes``, in its default frames), zero-copy, until its one-byte
-    answer."""
+class RawZmq(NamedTuple):
+    """One raw move of the bytes into the worker (pyzmq; a copy for ``cuda_ipc``)."""
+
+    seconds: float  # pyzmq: first send to the worker's one-byte answer
+    cpu: float  # CPU-seconds it cost: this process's sending and the worker process's receiving
+
+
+def raw_zmq(llm: Any, flat: torch.Tensor, bucket_bytes: int, timeout: float) -> RawZmq:
+    """Move ``flat`` into the (first) worker as refit's ``zmq`` transport lays it out (one
+    message per ``bucket_bytes``, in its default frames), zero-copy, until its one-byte answer."""
     import zmq
 
     from refit.transports.zmq import split_frames
@@ -113,29 +120,30 @@ def raw_zmq(llm: Any, flat: torch.Tensor, bucket_bytes: int, timeout: float) -> 
     sink.start()
     time.sleep(0.3)  # the worker is in recv: the RPC's own start is not the transport's cost
     try:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         for m in messages:
             sock.send_multipart(m, copy=False)
         if not sock.poll(int(timeout * 1000)):
             raise RefitError(f"bench: the worker did not answer the raw pyzmq frames within {timeout} s")
         sock.recv()
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     finally:
         sink.join(timeout)
         sock.close()
         llm.collective_rpc("bench_zmq_close")
     if not reply or reply[0].get("bytes") != len(mem):
         raise RefitError(f"bench: raw pyzmq: the worker received {reply[0] if reply else 'nothing'} of {len(mem)} bytes")
-    return seconds
+    return RawZmq(seconds, cpu + reply[0]["cpu"])
 
 
-def _ceiling(llm: Any, transport: str, flat: torch.Tensor | None, bucket_bytes: int, repeat: int, timeout: float) -> float | None:
-    """Best seconds of ``transport``'s raw ceiling at ``bucket_bytes``: pyzmq frames of the bytes
-    into the worker (``zmq``), one ``copy_`` of them (``cuda_ipc``); none for ``nccl``."""
+def _ceiling(llm: Any, transport: str, flat: torch.Tensor | None, bucket_bytes: int, repeat: int, timeout: float) -> RawZmq | None:
+    """``transport``'s raw ceiling at ``bucket_bytes``, best of ``repeat + 1``: pyzmq frames of
+    the bytes into the worker (``zmq``, with its CPU cost), one ``copy_`` of them (``cuda_ipc``,
+    CPU cost not measured: 0); none for ``nccl``."""
     if transport == "zmq" and flat is not None:
-        return min(raw_zmq(llm, flat, bucket_bytes, timeout) for _ in range(repeat + 1))
+        return min((raw_zmq(llm, flat, bucket_bytes, timeout) for _ in range(repeat + 1)), key=lambda r: r.seconds)
     if transport == "cuda_ipc" and flat is not None:
-        return copy_ceiling(flat.numel(), torch.device("cpu"), repeat)
+        return RawZmq(copy_ceiling(flat.numel(), torch.device("cpu"), repeat), 0.0)
     return None
 
 
@@ -166,7 +174,7 @@ def _row(
     state: dict[str, torch.Tensor],
     nbytes: int,
     reload_s: float,
-    ceiling_s: float | None,
+    raw: RawZmq | None,
     transport: str,
     bucket_bytes: int,
     nb: int,
@@ -174,6 +182,8 @@ def _row(
     report: Any,
 ) -> Row:
     receivers = [dict(x.seconds) for x in report.receivers]
+    ceiling_s = raw.seconds if raw else None
+    spare = max(len(os.sched_getaffinity(0)) - 1, 1)  # the CPUs besides the one vLLM pins its worker to
     return {
         "transport": f"vllm/{transport}",
         "shape": shape_arg,
@@ -192,6 +202,10 @@ def _row(
         "ceiling_gbps": nbytes / ceiling_s / 1e9 if ceiling_s else None,
         "ratio": ceiling_s / seconds if ceiling_s else None,
         "overhead": seconds / max(reload_s, ceiling_s or 0.0),
+        "ceiling_cpu_seconds": raw.cpu if raw else None,
+        # the raw transport's CPU work alone, on the CPUs the worker's apply leaves: no push can
+        # have a lower overhead on this machine (> 1 on a 2-CPU box for zmq; docs/benchmarks.md)
+        "cpu_floor": raw.cpu / spare / max(reload_s, raw.seconds) if raw and raw.cpu else None,
         "stages": stages_of(dict(report.seconds), receivers),
         "report": {"sender": dict(report.seconds), **{x.peer: dict(x.seconds) for x in report.receivers}},
     }
@@ -244,10 +258,10 @@ def run(
                 for t in state.values():
                     t.add_(1.0)
                 for bucket_bytes, nb in configs:
-                    ceiling_s = _ceiling(llm, transport, flat, bucket_bytes, repeat, timeout)
+                    raw = _ceiling(llm, transport, flat, bucket_bytes, repeat, timeout)
                     with Refitter(transport, engine=handle, bucket_bytes=bucket_bytes, num_buffers=nb, timeout=timeout, progress=bucket) as r:
                         seconds, report = best_of(partial(r.push, state), repeat, cpu)
-                    rows.append(_row(shape_arg, state, nbytes, reload_s, ceiling_s, transport, bucket_bytes, nb, seconds, report))
+                    rows.append(_row(shape_arg, state, nbytes, reload_s, raw, transport, bucket_bytes, nb, seconds, report))
                     if tick is not None:
                         tick(f"vllm/{transport} {bucket_bytes >> 20} MiB x {nb}")
                 check_landed(handle, state, shape, transport)
@@ -269,19 +283,21 @@ def table(rows: Sequence[Row]) -> str:
     lines = [
         f"vLLM engine (CPU), shape {r0['shape']}: {r0['tensors']} bf16 tensors, {r0['bytes'] / 1e9:.3f} GB; reload s: vLLM's own "
         "in-process reload of the same tensors (one load_weights), measured before each transport's rows",
-        "vs reload = reload s / push s; ratio = push GB/s / raw GB/s; overhead = push s / max(reload s, raw s); stage ms: "
+        "vs reload = reload s / push s; ratio = push GB/s / raw GB/s; overhead = push s / max(reload s, raw s); floor = the "
+        "lowest overhead the raw transport's CPU work allows on the CPUs besides the worker's; stage ms: "
         "trainer plan, handshake, pack, stream; worker apply, post-load",
     ]
     stage_head = " ".join(f"{s.replace('handshake', 'hshake').replace('post_load', 'post-load'):>9}" for s in STAGES)
     head = f"{'transport':<14} {'bucket MiB':>10} {'bufs':>4} {'push s':>7} {'GB/s':>6} {'reload s':>8} {'vs reload':>9} "
-    head += f"{'raw s':>7} {'ratio':>5} {'overhead':>8}  {stage_head}"
+    head += f"{'raw s':>7} {'ratio':>5} {'overhead':>8} {'floor':>5}  {stage_head}"
     lines += [head, "-" * len(head)]
     for r in rows:
         raw = f"{r['ceiling_seconds']:>7.3f}" if r["ceiling_seconds"] else f"{'-':>7}"
         ratio = f"{r['ratio']:>5.2f}" if r["ratio"] is not None else f"{'-':>5}"
+        floor = f"{r['cpu_floor']:>5.2f}" if r.get("cpu_floor") is not None else f"{'-':>5}"
         stages = " ".join(f"{r['stages'][s] * 1e3:>9.1f}" for s in STAGES)
         lines.append(
             f"{r['transport']:<14} {r['bucket_bytes'] >> 20:>10} {r['num_buffers']:>4} {r['seconds']:>7.3f} {r['gbps']:>6.2f} "
-            f"{r['reload_seconds']:>8.3f} {r['vs_reload']:>9.2f} {raw} {ratio} {r['overhead']:>8.2f}  {stages}"
+            f"{r['reload_seconds']:>8.3f} {r['vs_reload']:>9.2f} {raw} {ratio} {r['overhead']:>8.2f} {floor}  {stages}"
         )
     return "\n".join(lines)

@@ -81,19 +81,20 @@ class BenchExtension(RefitWorkerExtension):
 
     def bench_zmq_sink(self, frames: int, timeout: float) -> dict[str, Any]:
         """Receive ``frames`` frames zero-copy (each wait at most ``timeout`` s) and release each
-        at once, then answer one byte (the first worker only: the trainer connects to it)."""
+        at once, then answer one byte (the first worker only: the trainer connects to it).
+        ``cpu``: the CPU-seconds this process spent meanwhile (its ZMQ I/O thread's included)."""
         import zmq
 
         sock = self._bench_sock
         if getattr(self, "rank", 0) != 0:
-            return {"bytes": 0}
-        got = 0
+            return {"bytes": 0, "cpu": 0.0}
+        got, cpu0 = 0, time.process_time()
         for _ in range(frames):
             if not sock.poll(int(timeout * 1000), zmq.POLLIN):  # a frame or the timeout
                 return {"bytes": got, "error": f"no frame within {timeout} s"}
             got += len(sock.recv(copy=False).buffer)  # released at once, as a push releases applied buckets
         sock.send(b"k")
-        return {"bytes": got}
+        return {"bytes": got, "cpu": time.process_time() - cpu0}
 
     def bench_zmq_close(self) -> dict[str, Any]:
         """Close the raw ceiling's socket."""
