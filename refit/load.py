@@ -77,6 +77,7 @@ class Loader:
         self._bucket_plans: dict[tuple[int, int, int, torch.device], BucketPlan] = {}  # for persistent buffers
         self._torn_keys: set[str] = set()  # what broken pushes may have half-written
         self._received: dict[str, bytes] = {}  # name -> sha256 of what committed pushes delivered (record)
+        self._wholes: dict[str, torch.Tensor] = {}  # chunked host tensors' assembly buffers, kept (see _whole)
         #: True when no bucket handed to ``apply`` is ever written again (a fresh frame per
         #: bucket, kept alive by its views): a resolver may then keep views of it past
         #: ``apply`` instead of copying them (see ``Resolver``'s optional ``end_bucket``).
@@ -119,6 +120,7 @@ class Loader:
                 return stale + problems
             cached = self._prepared = _Prepared(manifest.digest, steps, local)
             self._bucket_plans.clear()
+            self._wholes.clear()  # kept for one layout at a time
         if stale:
             return stale
         check_push = getattr(self.resolver, "check_push", None)
@@ -283,7 +285,7 @@ class Loader:
                 load(view)
                 continue
             if meta.name not in push.staging:  # the whole tensor, assembled from its chunks
-                push.staging[meta.name] = torch.empty(meta.shape, dtype=meta.dtype, device=bucket.device)
+                push.staging[meta.name] = self._whole(meta, bucket.device)
             whole = push.staging[meta.name]
             copy_many([chunk_of(whole, meta)], [view])
             if meta.chunk == meta.chunks - 1:
@@ -335,6 +337,18 @@ class Loader:
             remote=push.remote,
             peer=self.name,
         )
+
+    def _whole(self, meta: TensorMeta, device: torch.device) -> torch.Tensor:
+        """A buffer to assemble chunked ``meta`` in. On the host, when the resolver copies what
+        it loads (``loads_copied``), the buffer is kept for the next push: a fresh one would
+        cost a page fault per 4 KiB every push (0.1-0.2 s for a 525 MB embedding on the CPU
+        box, docs/benchmarks.md). Device memory is left to PyTorch's caching allocator."""
+        if device.type != "cpu" or not getattr(self.resolver, "loads_copied", False):
+            return torch.empty(meta.shape, dtype=meta.dtype, device=device)
+        held = self._wholes.get(meta.name)
+        if held is None or tuple(held.shape) != meta.shape or held.dtype != meta.dtype:
+            held = self._wholes[meta.name] = torch.empty(meta.shape, dtype=meta.dtype)
+        return held
 
     def _record(self, push: _Push, index: int, bucket: torch.Tensor) -> None:
         """Keep the sha256 of every local tensor (chunk) of bucket ``index``, as received."""

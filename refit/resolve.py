@@ -66,6 +66,10 @@ class Resolver(Protocol):
       never written again, see ``Loader.buckets_stay``).
     * ``abandon()``: a push was refused by ``check_push`` or aborted: drop what the resolver
       holds for it and leave the target usable.
+    * ``loads_copied: bool`` (default False): True promises that every tensor handed to a
+      ``load`` callable has been copied out by the time ``post_load`` returns (vLLM copies it
+      into its layers). The loader may then assemble a tensor that arrives in chunks in a
+      host buffer it keeps for the next push, instead of allocating one each push.
     """
 
     def resolve(self, meta: TensorMeta) -> Resolution:

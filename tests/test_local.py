@@ -346,3 +346,34 @@ def test_pipeline_stage_loads_its_tensors_and_consumes_the_other_stages() -> Non
             with pytest.raises(ResolveError, match="layers.9.w: no such parameter"):
                 r.push({**{k: v + 1 for k, v in full.items()}, "layers.9.w": torch.ones(4)})
             assert all(torch.equal(mine[k], before[k]) for k in mine)
+
+
+@pytest.mark.parametrize("copied", [True, False])
+def test_chunked_tensors_assemble_in_a_kept_buffer_only_when_loads_are_copied(copied: bool) -> None:
+    """A tensor larger than a bucket is assembled whole before its ``load``; a resolver that
+    copies what it loads (``loads_copied``, as vLLM's) lets the loader keep that buffer for the
+    next push (no fresh pages each push); any other gets a new one. Values land either way."""
+    from refit.meta import TensorMeta
+    from refit.resolve import Placement, Resolution
+
+    got: list[tuple[torch.Tensor, int]] = []  # w as loaded, and where it was assembled
+
+    class Copying(TensorsResolver):
+        loads_copied = copied
+
+        def resolve(self, meta: TensorMeta) -> Resolution:
+            if meta.name == "w":
+                return Resolution(Placement.LOCAL, load=lambda t: got.append((t.clone(), t.data_ptr())), key=meta.name)
+            return Resolution(Placement.LOCAL, load=lambda t: None, key=meta.name)
+
+    loader = Loader(Copying({}))
+    with Refitter("local", target=loader, bucket_bytes=256) as r:
+        for seed in range(3):
+            w = torch.randn(4, 64, generator=torch.Generator().manual_seed(seed))
+            r.push({"w": w, "b": torch.ones(3)})
+            assert torch.equal(got[-1][0], w) and got[-1][0].shape == (4, 64)
+    assert len(got) == 3
+    assert len({p for _, p in got}) == 1 if copied else not loader._wholes
+    with Refitter("local", target=loader, bucket_bytes=256) as r2:
+        r2.push({"w": torch.zeros(2, 64)})  # a new layout: the kept buffer goes with the old one
+    assert not loader._wholes or tuple(loader._wholes["w"].shape) == (2, 64)

@@ -71,6 +71,10 @@ class VllmResolver:
             from :meth:`end_bucket` if vLLM loaded nothing for a name the probe accepted.
     """
 
+    #: vLLM copies every tensor it is handed into its layers before the push ends (see
+    #: ``Resolver``): the loader may reuse the buffers it assembles chunked tensors in
+    loads_copied = True
+
     def __init__(self, model: torch.nn.Module, vllm_config: Any) -> None:
         self.model = model
         self.vllm_config = vllm_config

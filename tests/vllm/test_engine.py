@@ -199,6 +199,23 @@ def test_layer_spanning_a_reused_bucket_loads_exactly(engine, transport, options
     handle.open("zmq", {})  # Refitter.close() closed the workers' receivers; rejoin for later tests
 
 
+def test_chunked_tensors_reassembled_in_the_kept_buffer_generate_like_hf_each_push(engine):
+    """The embedding (256 KiB) is larger than a 64 KiB bucket: the worker assembles it from its
+    chunks in a host buffer it keeps across pushes (vLLM copies what it loads, so the buffer is
+    free again at the next push). Two pushes of different weights in one layout: each generates
+    like HF with those weights."""
+    pytest.importorskip("zmq")
+    llm, handle, model_dir = engine
+    handle.open("zmq", {})
+    with Refitter("zmq", engine=handle, bucket_bytes=1 << 16, timeout=60) as refitter:
+        for seed in (11, 12):
+            hf, state = hf_state(model_dir, seed=seed)
+            assert max(t.numel() * t.element_size() for t in state.values()) > 1 << 16
+            refitter.push(state)
+            assert vllm_greedy(llm) == hf_greedy(hf), seed
+    handle.open("zmq", {})
+
+
 def test_tensors_sent_in_place_and_staged_ahead_generate_like_hf(engine, monkeypatch):
     """The zmq sender sends contiguous host tensors from their own memory (here every one: the
     tiny model has none of the >= 1 MiB it takes in production) and, with 3 buffers in flight,
