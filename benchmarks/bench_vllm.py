@@ -12,10 +12,12 @@ seeded random tensors. Per bucket size, in this order:
 
 * vLLM's own in-process reload of the same tensors, timed inside the worker (a worker-extension
   method, ``vllm_bench_worker.py``): ``initialize_layerwise_reload``, ``model.load_weights`` once
-  with every tensor (also once per bucket, once per tensor), ``finalize_layerwise_reload``;
+  with every tensor (also once per bucket, once per bucket fed views of packed buckets as a
+  push feeds it, once per tensor), ``finalize_layerwise_reload``;
 * the raw transport ceilings: pyzmq sending the same bytes over loopback into the worker, one
-  message per bucket in refit's 1 MiB frames (zero-copy on both sides), and one memcpy of the bytes (what a
-  shared-memory bucket costs the trainer);
+  message per bucket in refit's 1 MiB frames (zero-copy on both sides), with the CPU-seconds it
+  costs both processes and the floor that sets on the CPUs the pinned worker leaves, and one
+  memcpy of the bytes (what a shared-memory bucket costs the trainer);
 * refit pushes over ``zmq``, ``cuda_ipc`` (shared memory on CPU) and ``nccl`` (the gloo stream
   on CPU), with the stage times of the trainer and of the worker.
 

@@ -11,7 +11,9 @@ the same values, best of ``repeat``; per bucket size, raw pyzmq into the worker 
 buckets in refit's frames, zero-copy) for ``zmq``, one ``copy_`` of the bytes for ``cuda_ipc`` (shared memory
 on the CPU); no raw figure for ``nccl`` (gloo on the CPU). Ratios: ``vs_reload`` = reload / push
 (1.0: as fast as vLLM loading the tensors in-process), ``ratio`` = push GB/s / raw GB/s, and
-``overhead`` = push / max(reload, raw) (issue 14's figure). Scales are not pushed: a bf16
+``overhead`` = push / max(reload, raw) (issue 14's figure), and for ``zmq`` ``cpu_floor``: the raw
+transfer's CPU-seconds over the CPUs the pinned worker leaves, / max(reload, raw), the lowest
+overhead socket transport can reach on the machine. Scales are not pushed: a bf16
 engine has no ``weight_scale`` to receive them.
 """
 
