@@ -266,13 +266,18 @@ def drop() -> None:
 gc.disable()
 drop()
 print("collected", gc.collect() > 0, "socket file left", os.path.exists(path), flush=True)
+# and one still receiving on a daemon thread when the process exits: the exit must not wait on it
+import threading
+alive = RefitReceiver({"w": torch.zeros(4)}, "zmq", auth=CurveAuth.from_secret("sixteen chars or more"))
+threading.Thread(target=alive.receive, kwargs={"timeout": 600}, daemon=True).start()
 """
 
 
 def test_a_receiver_dropped_without_close_is_collected_and_releases_everything(tmp_path: Any) -> None:
     """A receiver never closed and left in a reference cycle: the collector releases its socket,
     its own ZMQ context (I/O threads placed elsewhere, or a CURVE authenticator) and its socket
-    file. Left to pyzmq, the context's ``__del__`` would wait forever for the unclosed socket."""
+    file. Left to pyzmq, the context's ``__del__`` would wait forever for the unclosed socket.
+    A receiver still receiving when the process exits does not hold the exit up."""
     import subprocess
     import sys
 

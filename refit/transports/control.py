@@ -138,6 +138,7 @@ class ControlServer:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self._held = _Held(self.sock, own)
         self._release = weakref.finalize(self, self._held.release)  # by close(), or when collected
+        self._release.atexit = False  # at exit the process's end frees it all; a thread may still poll the socket
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         if auth is not None:
