@@ -96,14 +96,22 @@ def write_model_dir(shape_arg: str, shape: ModelShape, where: Path) -> str:
     return str(where)
 
 
-class RawZmq(NamedTuple):
+class Raw(NamedTuple):
     """One raw move of the bytes into the worker (pyzmq; a copy for ``cuda_ipc``)."""
 
     seconds: float  # pyzmq: first send to the worker's one-byte answer
     cpu: float  # CPU-seconds it cost: this process's sending and the worker process's receiving
 
+    def floor(self, reload_s: float, workers: int = 1) -> float | None:
+        """The lowest overhead (push / max(reload, raw)) this transfer's CPU work allows on the
+        CPUs besides the ``workers`` vLLM pins to its workers' applies; None if not measured."""
+        if not self.cpu:
+            return None
+        spare = max(len(os.sched_getaffinity(0)) - workers, 1)
+        return self.cpu / spare / max(reload_s, self.seconds)
 
-def raw_zmq(llm: Any, flat: torch.Tensor, bucket_bytes: int, timeout: float) -> RawZmq:
+
+def raw_zmq(llm: Any, flat: torch.Tensor, bucket_bytes: int, timeout: float) -> Raw:
     """Move ``flat`` into the (first) worker as refit's ``zmq`` transport lays it out (one
     message per ``bucket_bytes``, in its default frames), zero-copy, until its one-byte answer."""
     import zmq
@@ -135,17 +143,17 @@ def raw_zmq(llm: Any, flat: torch.Tensor, bucket_bytes: int, timeout: float) -> 
         llm.collective_rpc("bench_zmq_close")
     if not reply or reply[0].get("bytes") != len(mem):
         raise RefitError(f"bench: raw pyzmq: the worker received {reply[0] if reply else 'nothing'} of {len(mem)} bytes")
-    return RawZmq(seconds, cpu + reply[0]["cpu"])
+    return Raw(seconds, cpu + reply[0]["cpu"])
 
 
-def _ceiling(llm: Any, transport: str, flat: torch.Tensor | None, bucket_bytes: int, repeat: int, timeout: float) -> RawZmq | None:
+def _ceiling(llm: Any, transport: str, flat: torch.Tensor | None, bucket_bytes: int, repeat: int, timeout: float) -> Raw | None:
     """``transport``'s raw ceiling at ``bucket_bytes``, best of ``repeat + 1``: pyzmq frames of
     the bytes into the worker (``zmq``, with its CPU cost), one ``copy_`` of them (``cuda_ipc``,
     CPU cost not measured: 0); none for ``nccl``."""
     if transport == "zmq" and flat is not None:
         return min((raw_zmq(llm, flat, bucket_bytes, timeout) for _ in range(repeat + 1)), key=lambda r: r.seconds)
     if transport == "cuda_ipc" and flat is not None:
-        return RawZmq(copy_ceiling(flat.numel(), torch.device("cpu"), repeat), 0.0)
+        return Raw(copy_ceiling(flat.numel(), torch.device("cpu"), repeat), 0.0)
     return None
 
 
@@ -176,7 +184,7 @@ def _row(
     state: dict[str, torch.Tensor],
     nbytes: int,
     reload_s: float,
-    raw: RawZmq | None,
+    raw: Raw | None,
     transport: str,
     bucket_bytes: int,
     nb: int,
@@ -185,7 +193,6 @@ def _row(
 ) -> Row:
     receivers = [dict(x.seconds) for x in report.receivers]
     ceiling_s = raw.seconds if raw else None
-    spare = max(len(os.sched_getaffinity(0)) - 1, 1)  # the CPUs besides the one vLLM pins its worker to
     return {
         "transport": f"vllm/{transport}",
         "shape": shape_arg,
@@ -207,7 +214,7 @@ def _row(
         "ceiling_cpu_seconds": raw.cpu if raw else None,
         # the raw transport's CPU work alone, on the CPUs the worker's apply leaves: no push can
         # have a lower overhead on this machine (> 1 on a 2-CPU box for zmq; docs/benchmarks.md)
-        "cpu_floor": raw.cpu / spare / max(reload_s, raw.seconds) if raw and raw.cpu else None,
+        "cpu_floor": raw.floor(reload_s) if raw else None,
         "stages": stages_of(dict(report.seconds), receivers),
         "report": {"sender": dict(report.seconds), **{x.peer: dict(x.seconds) for x in report.receivers}},
     }

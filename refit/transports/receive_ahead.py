@@ -36,14 +36,12 @@ class Staged:
     """A bucket's bytes got ahead (or why getting them failed: raised at the bucket's turn)."""
 
     msg: Bucket
-    data: tuple[torch.Tensor, bool] | None
-    error: Exception | None = None
+    data: tuple[torch.Tensor, bool] | Exception
 
     def bytes(self) -> tuple[torch.Tensor, bool]:
         """The bytes and whether they sit in a reused staging buffer (``BucketSource``'s answer)."""
-        if self.error is not None:
-            raise self.error
-        assert self.data is not None
+        if isinstance(self.data, Exception):
+            raise self.data
         return self.data
 
 
@@ -72,7 +70,7 @@ class Ahead:
         try:
             return Staged(msg, bucket_source(msg, frames))
         except Exception as exc:  # raised when the applying thread reaches this bucket
-            return Staged(msg, None, exc)
+            return Staged(msg, exc)
 
     def join(self, *, quiet: bool = False) -> Staged | None:
         """Wake the helper, wait until it returned the socket; what it got ahead (None: nothing).
