@@ -43,8 +43,11 @@ class Reads:
 
 
 class CopyTrace(TorchDispatchMode):
-    """Inside a loader call: counts elements written by ``copy_`` and records the regions of
-    ``source`` (the probe input) they were read from."""
+    """Inside a loader call: counts elements written by ``copy_`` and ``fill_`` and records the
+    regions of ``source`` (the probe input) the copies read. ``fill_`` counts because it is how
+    a loader writes what the checkpoint does not hold: vLLM pads a vocabulary to a multiple of
+    64 rows and its embedding loader zero-fills the padding rows, so a pushed embedding fills
+    its whole layer although it holds fewer rows."""
 
     def __init__(self, source: torch.Tensor | None, reads: Reads) -> None:
         super().__init__()
@@ -53,7 +56,9 @@ class CopyTrace(TorchDispatchMode):
         self.reads = reads
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.copy_.default:
+        if func in (torch.ops.aten.fill_.Scalar, torch.ops.aten.fill_.Tensor):
+            self.numel += args[0].numel()
+        elif func is torch.ops.aten.copy_.default:
             self.numel += args[0].numel()
             src = args[1]
             if self.source is not None and isinstance(src, torch.Tensor):
