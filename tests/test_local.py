@@ -374,6 +374,18 @@ def test_chunked_tensors_assemble_in_a_kept_buffer_only_when_loads_are_copied(co
             assert torch.equal(got[-1][0], w) and got[-1][0].shape == (4, 64)
     assert len(got) == 3
     assert len({p for _, p in got}) == 1 if copied else not loader._wholes
+    # a push of the same layout that breaks after w's first chunk was assembled: the next one heals
+    kept = loader._wholes.get("w")
+    assert (kept is not None) == copied
+    m = plan([PlanEntry("w", (4, 64), torch.float32), PlanEntry("b", (3,), torch.float32)], bucket_bytes=256)
+    assert loader.prepare(m, 10) == []
+    loader.apply(0, torch.full((256,), 0xFF, dtype=torch.uint8))
+    loader.abort("sender died")
+    w = torch.randn(4, 64)
+    with Refitter("local", target=loader, bucket_bytes=256) as r:
+        r.push({"w": w, "b": torch.ones(3)}, version=11)
+    assert torch.equal(got[-1][0], w) and not loader.torn
+    assert loader._wholes.get("w") is kept  # the same layout all along: the one kept buffer (None if not copied)
     with Refitter("local", target=loader, bucket_bytes=256) as r2:
         r2.push({"w": torch.zeros(2, 64)})  # a new layout: the kept buffer goes with the old one
     assert not loader._wholes or tuple(loader._wholes["w"].shape) == (2, 64)
